@@ -1,0 +1,302 @@
+"""The ``sfuda`` command: source training, segmentation, adaptation, evaluation, model cards, demo.
+
+Every subcommand has ``--help``; long work shows a progress bar (``--progress bar``, default),
+JSON lines on stderr (``--progress json``, used by the Slicer job runner) or nothing. Errors that
+the library raises on purpose are printed as one readable line (exit code 2); a cancelled run
+exits with 130 and writes nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+from .errors import InputError, OperationCancelled, SFUDAError
+from .progress import ProgressEvent, ProgressReporter
+
+
+# ----------------------------------------------------------------------------- progress
+class _BarProgress:
+    """tqdm bars, one per stage, driven by :class:`ProgressEvent` callbacks."""
+
+    def __init__(self) -> None:
+        self.bars: dict[str, Any] = {}
+
+    def __call__(self, event: ProgressEvent) -> None:
+        from tqdm import tqdm
+
+        bar = self.bars.get(event.stage)
+        if bar is None:
+            bar = self.bars[event.stage] = tqdm(total=1000, desc=event.stage, unit="‰", leave=True,
+                                                dynamic_ncols=True, file=sys.stderr)
+        bar.n = int(round(event.fraction * 1000))
+        bar.set_postfix_str(event.message, refresh=False)
+        bar.refresh()
+
+    def close(self) -> None:
+        for bar in self.bars.values():
+            bar.close()
+
+
+def _json_progress(event: ProgressEvent) -> None:
+    """One JSON line per event on stderr (read by ``jobs.py``)."""
+    sys.stderr.write(json.dumps({"type": "progress", "stage": event.stage,
+                                 "fraction": event.fraction, "message": event.message}) + "\n")
+    sys.stderr.flush()
+
+
+def make_reporter(mode: str) -> tuple[Optional[ProgressReporter], Callable[[], None]]:
+    """A reporter for ``--progress bar|json|none`` and a function that closes it."""
+    if mode == "none":
+        return None, lambda: None
+    if mode == "json":
+        return ProgressReporter(_json_progress), lambda: None
+    bars = _BarProgress()
+    return ProgressReporter(bars), bars.close
+
+
+# ----------------------------------------------------------------------------- helpers
+def _read_pairs_csv(path: str) -> tuple[list[str], list[str]]:
+    """``image,label`` rows (a header row naming them is allowed)."""
+    images, labels = [], []
+    try:
+        with open(path, newline="") as handle:
+            for row in csv.reader(handle):
+                if not row or row[0].strip().lower() in ("image", "#image") or row[0].startswith("#"):
+                    continue
+                if len(row) < 2:
+                    raise InputError(f"Row {row} in '{path}' has no label column. Write 'image,label' per line.")
+                images.append(row[0].strip())
+                labels.append(row[1].strip())
+    except FileNotFoundError as error:
+        raise InputError(f"Pairs file not found: '{path}'. Check the path.") from error
+    return images, labels
+
+
+def _ints(text: str, name: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in text.replace("x", ",").split(",") if v.strip())
+    except ValueError as error:
+        raise InputError(f"--{name} takes integers like '64,64' or '64x64x64', got '{text}'.") from error
+
+
+def _print_json(data: Any) -> None:
+    from .metrics import to_jsonable
+
+    print(json.dumps(to_jsonable(data), indent=2))
+
+
+# ----------------------------------------------------------------------------- commands
+def cmd_train_source(args: argparse.Namespace, progress: Optional[ProgressReporter]) -> int:
+    from .config import DiffusionTrainingConfig, InputSpec, TrainingConfig, parse_labels
+    from .io import read_image, read_label
+    from .training import default_seg_config, train_source
+
+    images, labels = list(args.image or []), list(args.label or [])
+    if args.pairs:
+        more_images, more_labels = _read_pairs_csv(args.pairs)
+        images += more_images
+        labels += more_labels
+    if not images or len(images) != len(labels):
+        raise InputError(f"Got {len(images)} --image and {len(labels)} --label; give one label per "
+                         "image (repeat --image/--label, or --pairs pairs.csv).")
+    classes = parse_labels(args.labels)
+    allowed = {0} | {c.value for c in classes}
+    volumes = [read_image(p) for p in images]
+    label_maps = [read_label(p, allowed_values=allowed) for p in labels]
+    channels = 3 if volumes[0].is_rgb else 1
+    default_patch = (64, 64, 64) if args.dims == "3d" else (128, 128)
+    patch = _ints(args.patch_size, "patch-size") if args.patch_size else default_patch
+    spec = InputSpec(dims=args.dims, modality=args.modality, image_channels=channels,
+                     context_slices=args.context, patch_size=patch)
+    config = TrainingConfig(epochs=args.epochs, iterations_per_epoch=args.iterations,
+                            batch_size=args.batch_size, lr=args.lr, seed=args.seed, device=args.device)
+    seg_config = default_seg_config(spec, 1 + len(classes), _ints(args.channels, "channels"))
+    diffusion = None
+    if args.diffusion:
+        diffusion = DiffusionTrainingConfig(iterations=args.diffusion_iterations, seed=args.seed,
+                                            device=args.device, batch_size=args.batch_size)
+    out = Path(args.out)
+    outcome = train_source(volumes, label_maps, classes, spec, config, seg_config, diffusion,
+                           progress=progress, case_names=[Path(p).name for p in images],
+                           resume_path=out.with_suffix(out.suffix + ".train-state") if args.resume else None)
+    outcome.checkpoint.save(out)
+    _print_json({"checkpoint": str(out), "best_epoch": outcome.best_epoch,
+                 "validation_mean_dice": outcome.best_val_dice, "history": outcome.history})
+    return 0
+
+
+def cmd_segment(args: argparse.Namespace, progress: Optional[ProgressReporter]) -> int:
+    from .checkpoint import SourceCheckpoint
+    from .config import InferenceConfig
+    from .result_files import write_result
+
+    checkpoint = SourceCheckpoint.load(args.checkpoint)
+    from .io import read_image
+
+    volume = read_image(args.image)
+    from .inference import segment
+
+    config = InferenceConfig(device=args.device, batch_size=args.batch_size, overlap=args.overlap)
+    result = segment(checkpoint, volume, config, "probabilities" if args.uncertainty else "labels", progress)
+    report = write_result(result, args.out, input_path=args.image, checkpoint_path=args.checkpoint)
+    _print_json({"out": args.out, "seconds": report["timings"]["total_seconds"],
+                 "structures": report["structure_stats"]})
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace, progress: Optional[ProgressReporter]) -> int:
+    import numpy as np
+
+    from .io import check_same_geometry, read_image
+    from .metrics import evaluate, parse_regions
+
+    pred, ref = read_image(args.pred), read_image(args.gt)
+    check_same_geometry(ref, pred)
+    values = sorted(int(v) for v in np.union1d(np.unique(pred.array), np.unique(ref.array)) if v != 0)
+    if args.labels:
+        from .config import parse_labels
+
+        labels: Any = {c.name: c.value for c in parse_labels(args.labels)}
+    else:
+        labels = values
+    regions = parse_regions(args.regions) if args.regions else None
+    scores = evaluate(pred.array.astype(np.int64), ref.array.astype(np.int64), pred.spacing, labels,
+                      regions, nsd_tolerance_mm=args.nsd_tolerance)
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        from .metrics import to_jsonable
+
+        Path(args.json).write_text(json.dumps(to_jsonable(scores), indent=2))
+    _print_json(scores)
+    return 0
+
+
+def cmd_info(args: argparse.Namespace, progress: Optional[ProgressReporter]) -> int:
+    from .checkpoint import SourceCheckpoint
+
+    card = SourceCheckpoint.load(args.checkpoint).describe()
+    if args.json:
+        _print_json(card)
+        return 0
+    print(f"SFUDASegment checkpoint: {args.checkpoint}")
+    print(f"  modality: {card['modality']}   dims: {card['dims']}   "
+          f"image channels: {card['input_spec']['image_channels']}")
+    print("  classes: " + ", ".join(f"{c['value']}:{c['name']}" for c in card["classes"]))
+    seg = card["segmentation_network"]
+    print(f"  segmentation net: residual U-Net {seg['spatial_dims']}D, channels {seg['channels']}, "
+          f"{seg['parameters']:,} parameters")
+    diff = card["diffusion_model"]
+    print("  diffusion model: " + ("none (HEAL unavailable)" if diff is None else
+                                    f"{diff['spatial_dims']}D, base {diff['base_channels']}, "
+                                    f"T = {diff['schedule']['timesteps']}, {diff['parameters']:,} parameters"))
+    protos = card["prototypes"]
+    print("  class prototypes: " + ("none (GMM unavailable)" if protos is None else json.dumps(protos)))
+    print(f"  methods: {', '.join(card['methods'])}")
+    prov = card["provenance"]
+    if prov:
+        print(f"  trained on: {prov.get('data', '?')}; validation mean Dice "
+              f"{prov.get('validation_mean_dice', float('nan')):.3f}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace, progress: Optional[ProgressReporter]) -> int:
+    from .demo import run_demo
+
+    summary = run_demo(Path(args.out), quick=args.quick, device=args.device, progress=progress)
+    _print_json(summary)
+    return 0
+
+
+# ----------------------------------------------------------------------------- parser
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of every subcommand."""
+    parser = argparse.ArgumentParser(
+        prog="sfuda", description="Source-free domain adaptation for medical image segmentation "
+        "(HEAL, GMM-adapted inference, Diffuse-UDA).")
+    parser.add_argument("--progress", choices=("bar", "json", "none"), default="bar",
+                        help="progress display: tqdm bars (default), JSON lines on stderr, or none")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def device_arg(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--device", default="auto", help="auto (GPU when available), cpu or cuda")
+
+    p = sub.add_parser("train-source", help="train a source model (and its diffusion model) into a .sfuda checkpoint")
+    p.add_argument("--image", action="append", help="source image (repeat with --label)")
+    p.add_argument("--label", action="append", help="its label map (same geometry)")
+    p.add_argument("--pairs", help="CSV with 'image,label' per line instead of/as well as --image/--label")
+    p.add_argument("--labels", required=True, help="classes as 'value:name,...', e.g. '1:necrosis,2:edema,4:enhancing'")
+    p.add_argument("--dims", choices=("2d", "2.5d", "3d"), default="2d", help="network type")
+    p.add_argument("--modality", default="MR", help="modality name stored in the model card, e.g. T1c")
+    p.add_argument("--context", type=int, default=1, help="2.5D: neighbouring slices on each side")
+    p.add_argument("--out", required=True, help="output checkpoint, e.g. model.sfuda")
+    p.add_argument("--epochs", type=int, default=20)
+    p.add_argument("--iterations", type=int, default=50, help="iterations per epoch")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--patch-size", help="e.g. 128,128 (2D) or 64,64,64 (3D)")
+    p.add_argument("--channels", default="16,32,64,128", help="U-Net width per level")
+    p.add_argument("--diffusion", action="store_true", help="also train the conditional diffusion model (HEAL)")
+    p.add_argument("--diffusion-iterations", type=int, default=2000)
+    p.add_argument("--resume", action="store_true", help="resume an interrupted run (state file beside --out)")
+    p.add_argument("--seed", type=int, default=0)
+    device_arg(p)
+    p.set_defaults(func=cmd_train_source)
+
+    p = sub.add_parser("segment", help="segment an image with a checkpoint, no adaptation")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--image", required=True)
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--uncertainty", action="store_true", help="also write probabilities' entropy map")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--overlap", type=float, default=0.5)
+    device_arg(p)
+    p.set_defaults(func=cmd_segment)
+
+    p = sub.add_parser("evaluate", help="Dice, IoU, ASD, ASSD, HD95, NSD of a segmentation against a reference")
+    p.add_argument("--pred", required=True)
+    p.add_argument("--gt", required=True)
+    p.add_argument("--labels", help="classes as 'value:name,...' (default: every value present)")
+    p.add_argument("--regions", help="unions of labels, e.g. 'WT=1,2,4;TC=1,4;ET=4'")
+    p.add_argument("--nsd-tolerance", type=float, default=1.0, help="NSD tolerance in mm")
+    p.add_argument("--json", help="also write the scores to this file")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("info", help="show a checkpoint's model card")
+    p.add_argument("checkpoint")
+    p.add_argument("--json", action="store_true", help="print the card as JSON")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("demo", help="end-to-end demo on synthetic two-modality phantoms")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--quick", action="store_true", help="smaller models and data (for tests)")
+    device_arg(p)
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point of the ``sfuda`` console script; returns the exit code."""
+    args = build_parser().parse_args(argv)
+    progress, close = make_reporter(args.progress)
+    try:
+        return int(args.func(args, progress))
+    except OperationCancelled as error:
+        print(f"cancelled: {error}", file=sys.stderr)
+        return 130
+    except SFUDAError as error:
+        if args.progress == "json":
+            sys.stderr.write(json.dumps({"type": "error", "error": type(error).__name__,
+                                         "message": str(error)}) + "\n")
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    finally:
+        close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

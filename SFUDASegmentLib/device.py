@@ -1,0 +1,151 @@
+"""Compute device selection, mixed precision, memory measurement and out-of-memory retries."""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import resource
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Sequence, TypeVar
+
+import torch
+
+from .errors import DeviceError
+
+T = TypeVar("T")
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """Turn ``"auto" | "cpu" | "cuda" | "cuda:N"`` into a usable :class:`torch.device`.
+
+    Raises:
+        DeviceError: CUDA was asked for but this PyTorch build or machine has none.
+    """
+    name = str(device).lower()
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cpu":
+        return torch.device("cpu")
+    if name.startswith("cuda") or name == "gpu":
+        if not torch.cuda.is_available():
+            build = "a CPU-only build" if torch.version.cuda is None else f"CUDA {torch.version.cuda}"
+            raise DeviceError(
+                f"Device '{device}' was requested but no CUDA GPU is available (PyTorch "
+                f"{torch.__version__}, {build}). Use device 'cpu' or 'auto', or install a CUDA "
+                "build of PyTorch (in Slicer: the PyTorch extension's PyTorchUtils).")
+        return torch.device("cuda" if name == "gpu" else name)
+    raise DeviceError(f"Unknown device '{device}'. Use 'auto', 'cpu' or 'cuda'.")
+
+
+def autocast(device: torch.device, enabled: bool = True) -> contextlib.AbstractContextManager:
+    """Mixed precision on GPU (bf16 where supported, else fp16); a no-op on CPU."""
+    if device.type != "cuda" or not enabled:
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.autocast(device_type="cuda", dtype=dtype)
+
+
+def free_memory(device: torch.device) -> None:
+    """Release cached memory between pipeline stages."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def process_peak_rss_mb() -> float:
+    """Peak resident memory of this process so far, in MiB (Linux kB, macOS bytes)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (1024.0 * 1024.0) if sys.platform == "darwin" else peak / 1024.0
+
+
+def gpu_memory_info(device: torch.device | None = None) -> tuple[float, float] | None:
+    """``(free_mib, total_mib)`` of the GPU, or None without CUDA."""
+    if not torch.cuda.is_available():
+        return None
+    free, total = torch.cuda.mem_get_info(device)
+    return free / 2**20, total / 2**20
+
+
+@dataclass
+class StageTimer:
+    """Records seconds and peak memory per named stage.
+
+    ``peak_memory_mb`` holds the GPU peak allocated by PyTorch on CUDA, the process's peak
+    resident memory on CPU.
+    """
+
+    device: torch.device
+    seconds: dict[str, float] = field(default_factory=dict)
+    peak_memory_mb: dict[str, float] = field(default_factory=dict)
+
+    @contextlib.contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        """Time the enclosed block as stage ``name`` (accumulates if repeated)."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+                peak = torch.cuda.max_memory_allocated(self.device) / 2**20
+            else:
+                peak = process_peak_rss_mb()
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+            self.peak_memory_mb[name] = max(self.peak_memory_mb.get(name, 0.0), peak)
+
+    def to_dict(self) -> dict:
+        """JSON-friendly summary."""
+        return {"device": str(self.device), "seconds": dict(self.seconds),
+                "total_seconds": sum(self.seconds.values()),
+                "peak_memory_mb": dict(self.peak_memory_mb),
+                "peak_memory_kind": "gpu_allocated" if self.device.type == "cuda" else "process_rss"}
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """True for CUDA (or CPU allocator) out-of-memory errors."""
+    if isinstance(error, torch.cuda.OutOfMemoryError):
+        return True
+    return isinstance(error, RuntimeError) and "out of memory" in str(error).lower()
+
+
+def map_in_chunks(fn: Callable[[Sequence[T]], list], items: Sequence[T], chunk_size: int,
+                  device: torch.device, what: str = "batch") -> list:
+    """Apply ``fn`` to consecutive chunks of ``items``, halving the chunk on out-of-memory.
+
+    Args:
+        fn: maps a chunk (a slice of ``items``) to a list of results of the same length.
+        items: the work items.
+        chunk_size: first chunk size to try (>= 1).
+        device: where ``fn`` computes (its cache is emptied after an OOM).
+        what: name used in the error message.
+
+    Returns:
+        The concatenated results, in order.
+
+    Raises:
+        DeviceError: out of memory even with chunks of one item.
+    """
+    results: list = []
+    start, size = 0, max(1, int(chunk_size))
+    while start < len(items):
+        try:
+            out = fn(items[start:start + size])
+        except (RuntimeError, torch.cuda.OutOfMemoryError) as error:
+            if not is_out_of_memory(error):
+                raise
+            free_memory(device)
+            if size == 1:
+                raise DeviceError(
+                    f"Out of memory on {device} even with a {what} of one. Use a smaller patch "
+                    "size or the 2D slice mode, close other GPU programs, or run on CPU "
+                    "(device 'cpu').") from error
+            size = max(1, size // 2)
+            continue
+        results.extend(out)
+        start += len(out)
+    return results

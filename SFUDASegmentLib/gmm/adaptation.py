@@ -1,0 +1,227 @@
+"""GMM-adapted inference (SFS, Stan & Rostami): align the target embedding to the source
+class Gaussians with the sliced Wasserstein distance, then segment.
+
+Loss per iteration: ``CE(classifier(z_s), y_s) + lambda * SWD(z_t, z_s)`` where ``(z_s, y_s)``
+are drawn from the prototypes and ``z_t`` are embeddings of target voxels. The number of
+samples per class follows the target's confident pseudo-label proportions (or the source
+priors) - never any ground truth (the public code's label leak is not copied).
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field, replace
+from typing import Any, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..checkpoint import SourceCheckpoint
+from ..config import GMMConfig, InferenceConfig, to_dict
+from ..device import StageTimer, autocast, free_memory, resolve_device
+from ..errors import InputError
+from ..geometry import Volume
+from ..inference import result_from_prediction
+from ..preparation import PreparedInput, predict_indices, prepare_input
+from ..progress import ProgressReporter, report
+from ..result import Result
+from .embeddings import flatten_embedding, random_input_batch
+from .prototypes import ClassPrototypes, check_compatible
+from .swd import random_directions, sliced_wasserstein
+
+PROPORTIONS = ("pseudo", "source")
+
+
+@dataclass
+class GMMAdaptation:
+    """An adapted network and the record of its adaptation.
+
+    Attributes:
+        model: the adapted segmentation network (eval mode).
+        swd_before, swd_after: SWD of target embeddings to the prototypes, with fixed
+            directions and samples, before and after adaptation.
+        loss_curve: total loss per iteration.
+        proportions: class proportions used for the prototype samples.
+        stopped_early: message when a NaN loss stopped the run (weights restored), else None.
+    """
+
+    model: torch.nn.Module
+    swd_before: float
+    swd_after: float
+    loss_curve: list[float] = field(default_factory=list)
+    proportions: list[float] = field(default_factory=list)
+    stopped_early: Optional[str] = None
+
+    def report(self) -> dict[str, Any]:
+        return {"swd_before": self.swd_before, "swd_after": self.swd_after,
+                "loss_curve": self.loss_curve, "class_proportions": self.proportions,
+                "stopped_early": self.stopped_early}
+
+
+def check_gmm_config(config: GMMConfig) -> None:
+    """Raise a clear error for settings GMM adaptation cannot run with."""
+    if config.iterations < 1:
+        raise InputError(f"GMM adaptation needs at least 1 iteration, got {config.iterations}.")
+    if config.class_proportions not in PROPORTIONS:
+        raise InputError(f"class_proportions must be one of {PROPORTIONS}, got '{config.class_proportions}'.")
+    if config.lam < 0 or config.lr <= 0 or config.projections < 1:
+        raise InputError("lambda must be >= 0, the learning rate > 0 and projections >= 1.")
+
+
+def load_prototypes(checkpoint: SourceCheckpoint, embedding_dim: int) -> ClassPrototypes:
+    """The checkpoint's prototypes, checked against the network (clear error when absent)."""
+    prototypes = None if checkpoint.prototypes is None else ClassPrototypes.from_state(checkpoint.prototypes)
+    check_compatible(prototypes, embedding_dim, checkpoint.num_classes)
+    assert prototypes is not None
+    return prototypes
+
+
+def _pseudo_proportions(model: torch.nn.Module, targets: Sequence[PreparedInput], checkpoint: SourceCheckpoint,
+                        prototypes: ClassPrototypes, confidence: float, device: torch.device) -> list[float]:
+    """Class shares among the target voxels the source model predicts with ``> confidence``."""
+    counts = np.zeros(checkpoint.num_classes)
+    for prepared in targets:
+        _, probs = predict_indices(model, prepared.image, checkpoint.input_spec, checkpoint.num_classes,
+                                   InferenceConfig(probabilities_dtype="float16"), device, True)
+        top = probs.max(0)
+        arg = probs.argmax(0)
+        counts += np.bincount(arg[top > confidence].ravel(), minlength=checkpoint.num_classes)
+    shares = np.array([counts[c] for c in prototypes.class_indices], dtype=np.float64)
+    if shares.sum() <= 0:
+        return [float(w) for w in prototypes.weights]
+    # keep every class represented so its Gaussian still anchors the classifier
+    shares = np.maximum(shares / shares.sum(), 0.01)
+    return [float(s) for s in shares / shares.sum()]
+
+
+def _target_embeddings(model: torch.nn.Module, targets: Sequence[PreparedInput], spec, batch: int,
+                       voxels: int, rng: np.random.Generator, device: torch.device, amp: bool) -> torch.Tensor:
+    """``(voxels, D)`` embeddings of random voxels of random target slices/patches (with grad)."""
+    prepared = targets[int(rng.integers(len(targets)))]
+    x = random_input_batch(prepared.image, spec, batch, rng).to(device)
+    with autocast(device, amp):
+        z = model.embed(x)
+    flat = flatten_embedding(z.float())
+    index = torch.from_numpy(rng.choice(flat.shape[0], size=min(voxels, flat.shape[0]), replace=False))
+    return flat[index.to(device)]
+
+
+def adapt_model(checkpoint: SourceCheckpoint, targets: Sequence[PreparedInput], config: GMMConfig,
+                device: torch.device, progress: Optional[ProgressReporter] = None,
+                input_batch: int = 4) -> GMMAdaptation:
+    """Adapt a copy of the source network to the target images (the checkpoint is unchanged).
+
+    Args:
+        checkpoint: source checkpoint with prototypes.
+        targets: prepared target images.
+        config: iterations, lambda, learning rate, projections, sample sizes, proportions, seed.
+        device: compute device.
+        progress: progress/cancel reporter (stage ``"adaptation"``).
+        input_batch: slices (2D) or patches (3D) per iteration.
+    """
+    check_gmm_config(config)
+    torch.manual_seed(config.seed)
+    rng = np.random.default_rng(config.seed)
+    generator = torch.Generator().manual_seed(config.seed)
+    model = checkpoint.build_segmentation_net(device)
+    prototypes = load_prototypes(checkpoint, model.embedding_dim)
+    spec = checkpoint.input_spec
+    proportions = (_pseudo_proportions(model, targets, checkpoint, prototypes, config.pseudo_confidence, device)
+                   if config.class_proportions == "pseudo" else [float(w) for w in prototypes.weights])
+    counts = prototypes.allocate(config.prototype_samples, proportions)
+
+    eval_rng = np.random.default_rng(config.seed + 1)
+    eval_directions = random_directions(model.embedding_dim, config.projections,
+                                        torch.Generator().manual_seed(config.seed + 2)).to(device)
+    eval_samples, _ = prototypes.sample(counts, torch.Generator().manual_seed(config.seed + 3), device)
+    eval_state = eval_rng.bit_generator.state
+
+    def evaluate_swd() -> float:
+        eval_rng.bit_generator.state = eval_state
+        with torch.no_grad():
+            z_t = _target_embeddings(model, targets, spec, input_batch, config.batch_voxels, eval_rng,
+                                     device, config.amp)
+            return float(sliced_wasserstein(z_t, eval_samples, directions=eval_directions))
+
+    swd_before = evaluate_swd()
+    if config.freeze_classifier:
+        for p in model.classifier.parameters():
+            p.requires_grad_(False)
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=config.lr)
+    good_state = copy.deepcopy(model.state_dict())
+    losses: list[float] = []
+    stopped = None
+    for it in range(config.iterations):
+        z_s, y_s = prototypes.sample(counts, generator, device)
+        z_t = _target_embeddings(model, targets, spec, input_batch, config.batch_voxels, rng, device, config.amp)
+        ce = F.cross_entropy(model.classify_embedding(z_s), y_s)
+        swd = sliced_wasserstein(z_t, z_s, projections=config.projections, generator=generator)
+        loss = ce + config.lam * swd
+        if not torch.isfinite(loss):
+            stopped = (f"loss became {float(loss)} at iteration {it + 1}; adaptation stopped and the "
+                       f"weights of iteration {it} were kept. Lower the learning rate.")
+            model.load_state_dict(good_state)
+            break
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss.detach()))
+        if it % 10 == 9:
+            good_state = copy.deepcopy(model.state_dict())
+        report(progress, "adaptation", (it + 1) / config.iterations,
+               f"iteration {it + 1}/{config.iterations}: CE {float(ce):.3f}, SWD {float(swd):.4f}")
+    model.eval()
+    return GMMAdaptation(model, swd_before, evaluate_swd(), losses, proportions, stopped)
+
+
+def adapted_checkpoint(checkpoint: SourceCheckpoint, adaptation: GMMAdaptation, config: GMMConfig,
+                       targets: Sequence[str]) -> SourceCheckpoint:
+    """A new checkpoint with the adapted weights and the adaptation in its provenance."""
+    provenance = dict(checkpoint.provenance)
+    provenance["gmm_adaptation"] = {"targets": list(targets), "config": to_dict(config), **adaptation.report()}
+    state = {k: v.detach().cpu().clone() for k, v in adaptation.model.state_dict().items()}
+    return replace(checkpoint, seg_state=state, provenance=provenance)
+
+
+def gmm_adapt(volumes: Volume | Sequence[Volume], checkpoint: SourceCheckpoint,
+              config: GMMConfig = GMMConfig(), inference: InferenceConfig = InferenceConfig(),
+              progress: Optional[ProgressReporter] = None) -> tuple[list[Result], GMMAdaptation]:
+    """Adapt the source model to one or several target images, then segment each.
+
+    Args:
+        volumes: one target image or several (adaptation uses all of them).
+        checkpoint: source checkpoint with prototypes (not modified).
+        config: GMM settings.
+        inference: device and inference settings.
+        progress: progress/cancel reporter.
+
+    Returns:
+        One Result per volume (method ``"gmm"``, entropy map of the adapted prediction, report
+        entries ``swd_before``, ``swd_after``, ``loss_curve``) and the adaptation record.
+    """
+    volumes = [volumes] if isinstance(volumes, Volume) else list(volumes)
+    if not volumes:
+        raise InputError("GMM adaptation needs at least one target image.")
+    check_gmm_config(config)
+    device = resolve_device(inference.device)
+    timer = StageTimer(device)
+    with timer.stage("preprocess"):
+        targets = [prepare_input(v, checkpoint.input_spec, f"target image {i + 1}") for i, v in enumerate(volumes)]
+    with timer.stage("adaptation"):
+        adaptation = adapt_model(checkpoint, targets, config, device, progress)
+    free_memory(device)
+    results = []
+    for prepared in targets:
+        with timer.stage("inference"):
+            indices, probs = predict_indices(adaptation.model, prepared.image, checkpoint.input_spec,
+                                             checkpoint.num_classes, inference, device, True, progress)
+        with timer.stage("postprocess"):
+            result = result_from_prediction("gmm", checkpoint, prepared, indices, probs)
+            result.extra.update(adaptation.report())
+            result.extra["gmm"] = to_dict(config)
+        results.append(result)
+    for result in results:
+        result.timings = timer.to_dict()
+        result.timings["seconds_per_iteration"] = timer.seconds["adaptation"] / max(1, len(adaptation.loss_curve))
+    return results, adaptation

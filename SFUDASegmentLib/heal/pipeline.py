@@ -1,0 +1,233 @@
+"""HEAL end to end: pseudo-labels -> hierarchical denoising -> diffusion candidates ->
+edge-guided selection -> size-aware fusion. Learning-free: no weight of either network changes
+and no optimizer is ever created.
+
+Stages (the paper's ablation): ``"hd"`` returns Y*; ``"hd+egs"`` returns M_S(I_B), the source
+model's segmentation of the selected candidate; ``"heal"`` fuses Y* and M_S(I_B).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+import torch
+
+from ..checkpoint import SourceCheckpoint
+from ..config import HEALConfig, InferenceConfig
+from ..device import StageTimer, free_memory, map_in_chunks, resolve_device
+from ..diffusion import DDIMSampler, DDPMSampler, NoiseSchedule
+from ..diffusion_training import image_to_unit_range, make_condition, unit_range_to_image
+from ..errors import CheckpointError, InputError
+from ..geometry import Volume
+from ..inference import result_from_prediction
+from ..labels import indices_to_values
+from ..preparation import PreparedInput, predict_indices, prepare_input
+from ..progress import ProgressReporter, report
+from ..result import Result, structure_statistics
+from .denoising import hierarchical_denoise
+from .edge_selection import select_candidate
+from .fusion import size_aware_fusion
+
+STAGES = ("hd", "hd+egs", "heal")
+SAMPLERS = ("ddpm", "ddim")
+
+
+def check_heal_config(config: HEALConfig, checkpoint: SourceCheckpoint) -> None:
+    """Raise a clear error for settings HEAL cannot run with."""
+    if config.stages not in STAGES:
+        raise InputError(f"stages must be one of {STAGES}, got '{config.stages}'.")
+    if config.stages == "hd":
+        return
+    if checkpoint.diffusion is None:
+        raise CheckpointError(
+            "HEAL needs the checkpoint's diffusion model, and this checkpoint has none. Retrain with "
+            "`sfuda train-source ... --diffusion`, or run with --stages hd (denoising only) or "
+            "another method (none, gmm).")
+    if config.candidates < 1:
+        raise InputError(f"The number of candidates must be at least 1, got {config.candidates}.")
+    if config.sampler not in SAMPLERS:
+        raise InputError(f"sampler must be one of {SAMPLERS}, got '{config.sampler}'.")
+    timesteps = checkpoint.diffusion.schedule.timesteps
+    if config.sampler == "ddim" and not 1 <= config.steps <= timesteps:
+        raise InputError(f"DDIM steps must be between 1 and the model's T = {timesteps}, got "
+                         f"{config.steps}. Use --steps {min(50, timesteps)} (or --sampler ddpm for all T).")
+
+
+def _bounding_box(mask: np.ndarray, multiple: int, margin: int = 4) -> tuple[slice, ...]:
+    """In-plane (last two axes) box around ``mask`` with a margin, sizes a multiple of ``multiple``
+    where the image allows (diffusion runs on this box only)."""
+    box = []
+    for axis in (-2, -1):
+        other = tuple(a for a in range(mask.ndim) if a != mask.ndim + axis)
+        present = np.flatnonzero(mask.any(axis=other))
+        size = mask.shape[axis]
+        lo, hi = (int(present[0]), int(present[-1]) + 1) if present.size else (0, size)
+        lo, hi = max(0, lo - margin), min(size, hi + margin)
+        want = min(size, -(-(hi - lo) // multiple) * multiple)
+        lo = max(0, min(lo - (want - (hi - lo)) // 2, size - want))
+        box.append(slice(lo, lo + want))
+    return (Ellipsis, *box)
+
+
+def render_candidates(checkpoint: SourceCheckpoint, prepared: PreparedInput, refined: np.ndarray,
+                      config: HEALConfig, device: torch.device,
+                      progress: Optional[ProgressReporter] = None) -> np.ndarray:
+    """Draw ``n`` source-style candidate images conditioned on Y* (and the body mask).
+
+    Args:
+        refined: ``(Z, Y, X)`` Y* class indices on the network grid.
+
+    Returns:
+        ``(n, C, Z, Y, X)`` candidates as normalised intensities (z-scores), background where
+        the body mask is empty.
+    """
+    part = checkpoint.diffusion
+    assert part is not None
+    net = checkpoint.build_diffusion_net(device)
+    schedule = NoiseSchedule.from_config(part.schedule)
+    sampler = (DDPMSampler(schedule) if config.sampler == "ddpm"
+               else DDIMSampler(schedule, steps=config.steps, eta=config.ddim_eta))
+    n, channels = config.candidates, part.net_config.image_channels
+    depth = refined.shape[0]
+    box = _bounding_box(prepared.foreground, 8)
+    labels = torch.from_numpy(refined[box].astype(np.int64))
+    body = torch.from_numpy(prepared.foreground[box])
+    background = float(image_to_unit_range(np.float32(prepared.image.min()), part.intensity_scale))
+    out = np.full((n, channels, *refined.shape), background, dtype=np.float32)
+    if part.net_config.spatial_dims == 3:
+        cond = make_condition(labels[None], body[None], checkpoint.num_classes).to(device)
+        items = list(range(n))
+        slices_of = {i: (i, slice(None)) for i in items}
+    else:
+        cond = make_condition(labels, body, checkpoint.num_classes).to(device)
+        occupied = [z for z in range(depth) if prepared.foreground[z].any()]
+        items = [(i, z) for i in range(n) for z in occupied]
+        slices_of = {item: item for item in items}
+    done = [0]
+
+    def run(chunk: list) -> list[np.ndarray]:
+        first = items.index(chunk[0])
+        generator = torch.Generator().manual_seed(int(config.seed) * 1_000_003 + first)
+        if part.net_config.spatial_dims == 3:
+            batch_cond = cond.expand(len(chunk), *cond.shape[1:])
+        else:
+            batch_cond = cond[[z for _, z in chunk]]
+        stage = _ChunkProgress(progress, done[0], len(items), len(chunk))
+        samples = sampler.sample(net, batch_cond, channels, generator, stage, config.amp)
+        done[0] += len(chunk)
+        return list(samples.cpu().numpy())
+
+    samples = map_in_chunks(run, items, max(1, config.candidate_batch), device, "candidate batch")
+    for item, sample in zip(items, samples):
+        i, z = slices_of[item]
+        if part.net_config.spatial_dims == 3:
+            out[(i, slice(None), slice(None)) + box[1:]] = np.where(body.numpy(), sample, background)
+        else:
+            out[(i, slice(None), z) + box[1:]] = np.where(body[z].numpy(), sample, background)
+    del net
+    free_memory(device)
+    return unit_range_to_image(out, part.intensity_scale).astype(np.float32)
+
+
+class _ChunkProgress(ProgressReporter):
+    """Maps one chunk's sampler progress onto the whole candidate rendering stage."""
+
+    def __init__(self, parent: Optional[ProgressReporter], done: int, total: int, size: int) -> None:
+        super().__init__()
+        self.parent, self.done, self.total, self.size = parent, done, total, size
+
+    def report(self, stage: str, fraction: float, message: str = "") -> None:
+        overall = (self.done + fraction * self.size) / max(self.total, 1)
+        report(self.parent, "diffusion", overall, f"candidates {overall * 100:.0f}% ({message})")
+
+
+def heal_adapt(volume: Volume, checkpoint: SourceCheckpoint, config: HEALConfig = HEALConfig(),
+               inference: InferenceConfig = InferenceConfig(),
+               progress: Optional[ProgressReporter] = None) -> Result:
+    """Adapt the frozen source model to one target image with HEAL.
+
+    Args:
+        volume: target ``(Z, Y, X)`` volume or 2D image with its geometry (not modified).
+        checkpoint: source checkpoint (with a diffusion model unless ``stages == "hd"``).
+        config: HEAL settings (tau1, tau2, n, sampler, steps, Canny, stages, seed).
+        inference: device, batch size and overlap for the source model.
+        progress: progress/cancel reporter.
+
+    Returns:
+        Result with method ``"heal"``: final labels; source probabilities; maps ``entropy`` and
+        ``nig_variance`` (min-max normalised); label maps ``pseudo_labels`` (Y_T),
+        ``entropy_labels`` (Y_ent), ``refined_labels`` (Y*) and, past ``hd``,
+        ``selected_segmentation`` (M_S(I_B)); the candidates in the input's intensity units,
+        their edge scores and the selected index; per-stage seconds and peak memory.
+    """
+    check_heal_config(config, checkpoint)
+    device = resolve_device(inference.device)
+    timer = StageTimer(device)
+    spec, k = checkpoint.input_spec, checkpoint.num_classes
+    with timer.stage("preprocess"):
+        prepared = prepare_input(volume, spec)
+    with timer.stage("source_prediction"):
+        model = checkpoint.build_segmentation_net(device)
+        indices, probs = predict_indices(model, prepared.image, spec, k, inference, device, True, progress)
+    with timer.stage("denoising"):
+        squeeze = prepared.is_2d
+        denoised = hierarchical_denoise(probs[:, 0] if squeeze else probs, config,
+                                        spacing=prepared.network_spacing[1:] if squeeze else prepared.network_spacing)
+
+        def grid(a: np.ndarray) -> np.ndarray:
+            return a[None] if squeeze else a
+
+        refined = grid(denoised.refined).astype(np.int64)
+        report(progress, "denoising", 1.0, "hierarchical denoising done")
+    final = refined
+    candidates, selection, selected_seg = None, None, None
+    if config.stages != "hd":
+        with timer.stage("diffusion"):
+            candidates = render_candidates(checkpoint, prepared, refined, config, device, progress)
+        with timer.stage("selection"):
+            grey = candidates[:, 0] if candidates.shape[1] == 1 else np.moveaxis(candidates, 1, -1)
+            if squeeze:
+                grey = grey[:, 0]
+            selection = select_candidate(grey, denoised.refined, config, progress)
+        with timer.stage("source_on_selected"):
+            selected_seg = predict_indices(model, candidates[selection.selected_index], spec, k,
+                                           inference, device)
+        final = selected_seg
+        if config.stages == "heal":
+            with timer.stage("fusion"):
+                final = size_aware_fusion(refined, selected_seg, k).labels
+    del model
+    free_memory(device)
+    with timer.stage("postprocess"):
+        result = result_from_prediction("heal", checkpoint, prepared, final, probs)
+        result.maps["nig_variance"] = prepared.to_input_grid(
+            grid(denoised.variance_normalized), is_label=False).astype(np.float32)
+        for name, array in (("pseudo_labels", grid(denoised.pseudo)),
+                            ("entropy_labels", grid(denoised.y_ent)), ("refined_labels", refined),
+                            ("selected_segmentation", selected_seg)):
+            if array is not None:
+                result.label_maps[name] = indices_to_values(
+                    prepared.to_input_grid(array.astype(np.int64), is_label=True), checkpoint.classes)
+        if candidates is not None and selection is not None:
+            result.candidates = np.stack([_to_input_intensity(prepared, c) for c in candidates])
+            result.candidate_scores = list(selection.scores)
+            result.selected_index = selection.selected_index
+            result.extra["reference_edges_empty"] = selection.reference_edges_empty
+        result.structure_stats = structure_statistics(result.labels, checkpoint.classes,
+                                                      prepared.input_geometry, result.maps)
+        result.extra["heal"] = {"stages": config.stages, "sampler": config.sampler,
+                                "steps": config.steps if config.sampler == "ddim" else
+                                (checkpoint.diffusion.schedule.timesteps if checkpoint.diffusion else 0),
+                                "candidates": config.candidates, "seed": config.seed,
+                                "tau1": config.tau1, "tau2": config.tau2}
+    result.timings = timer.to_dict()
+    return result
+
+
+def _to_input_intensity(prepared: PreparedInput, candidate: np.ndarray) -> np.ndarray:
+    """A ``(C, Z, Y, X)`` normalised candidate on the input grid (RGB channel-last for 2D colour)."""
+    if candidate.shape[0] == 1:
+        return prepared.to_input_grid(candidate[0], is_label=False).astype(np.float32)
+    channels = prepared.to_input_grid(candidate, is_label=False)
+    return np.moveaxis(channels, 0, -1).astype(np.float32)

@@ -1,0 +1,87 @@
+"""Write a :class:`Result` as files: NIfTI maps in the input's exact geometry + ``report.json``.
+
+File names: ``segmentation.nii.gz``; one ``<map>.nii.gz`` per uncertainty map (``entropy``,
+``nig_variance``); one per intermediate label map (``refined_labels`` = Y*, ``entropy_labels``
+= Y_ent, ``pseudo_labels`` = Y_T, ``selected_segmentation`` = M_S(I_B)); ``candidate_00.nii.gz``
+... for HEAL's candidates; ``probabilities.nii.gz`` (4D, float16 -> float32) when asked.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+
+from .config import LabelClass
+from .geometry import Volume
+from .io import read_image, write_image
+from .outputs import StagedOutputDir
+from .result import Result
+
+
+def write_result(result: Result, out_dir: str | Path, input_path: Optional[str] = None,
+                 checkpoint_path: Optional[str] = None, write_probabilities: bool = False,
+                 extra_report: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+    """Write every array of ``result`` and the JSON report, all or nothing.
+
+    Returns:
+        The report dict written to ``report.json``.
+    """
+    geometry = result.geometry
+    files: dict[str, str] = {}
+    with StagedOutputDir(out_dir) as stage:
+        def put(name: str, array: np.ndarray) -> None:
+            write_image(Volume(array, geometry), stage.path(name))
+            files[name.split(".")[0]] = name
+
+        put("segmentation.nii.gz", result.labels)
+        for name, array in result.maps.items():
+            put(f"{name}.nii.gz", array.astype(np.float32))
+        for name, array in result.label_maps.items():
+            put(f"{name}.nii.gz", array)
+        if result.candidates is not None:
+            for i, candidate in enumerate(result.candidates):
+                put(f"candidate_{i:02d}.nii.gz", candidate.astype(np.float32))
+        if write_probabilities and result.probabilities is not None:
+            for k, probs in enumerate(result.probabilities):
+                put(f"probability_{k}.nii.gz", probs.astype(np.float32))
+        report = result.report()
+        report.update({"input": input_path, "checkpoint": checkpoint_path, "files": files,
+                       "device": result.timings.get("device"),
+                       "versions": {"torch": torch.__version__, "python": platform.python_version(),
+                                    "cuda": torch.version.cuda}})
+        report.update(extra_report or {})
+        stage.write_json("report.json", report)
+    return report
+
+
+def read_result(out_dir: str | Path) -> Result:
+    """Read a folder written by :func:`write_result` back into a :class:`Result`.
+
+    Used by the Slicer module, whose background job writes files that the panel then loads.
+    """
+    out_dir = Path(out_dir)
+    report = json.loads((out_dir / "report.json").read_text())
+    segmentation = read_image(out_dir / "segmentation.nii.gz")
+    classes = [LabelClass(int(c["value"]), c["name"], tuple(c["color"])) for c in report["classes"]]
+
+    def load(name: str) -> np.ndarray:
+        return read_image(out_dir / f"{name}.nii.gz").array
+
+    candidates = None
+    if report.get("candidates"):
+        candidates = np.stack([load(f"candidate_{i:02d}") for i in range(int(report["candidates"]))])
+    known = {"method", "classes", "geometry", "shape", "maps", "label_maps", "candidates",
+             "candidate_scores", "selected_index", "structure_stats", "timings"}
+    return Result(method=report["method"], labels=segmentation.array, classes=classes,
+                  geometry=segmentation.geometry,
+                  maps={name: load(name) for name in report["maps"]},
+                  label_maps={name: load(name) for name in report["label_maps"]},
+                  candidates=candidates, candidate_scores=list(report["candidate_scores"]),
+                  selected_index=report["selected_index"],
+                  structure_stats=report["structure_stats"], timings=report["timings"],
+                  extra={k: v for k, v in report.items() if k not in known})
