@@ -338,6 +338,8 @@ class SFUDASegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._overlayKey = None
         if self._parameterNode:
             self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
+            if str(self._parameterNode.checkpointPath) == ".":
+                self.ui.checkpointPathLineEdit.currentPath = ""  # an unset Path reads as "."
             self._labelChoices()
             self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent,
                              self._onParameterNodeModified)

@@ -183,8 +183,8 @@ class SourceCheckpoint:
                                           _tensor_dict(payload.get("diffusion_state"), "diffusion_state"),
                                           float(d.get("intensity_scale", 3.0)))
             seg_state = _tensor_dict(payload.get("segmentation_state"), "segmentation_state")
-        except CheckpointError:
-            raise
+        except CheckpointError as error:
+            raise CheckpointError(f"'{source}': {error}") from error
         except (KeyError, TypeError, ValueError, InputError) as error:
             raise CheckpointError(
                 f"'{source}' has damaged metadata ({type(error).__name__}: {error}). The file was "
@@ -210,14 +210,20 @@ class SourceCheckpoint:
                 f"'{source}': the network takes {self.seg_config.in_channels} input channels but "
                 f"the input spec ({self.input_spec.dims}, {self.input_spec.image_channels} channel(s)) "
                 f"needs {self.input_spec.network_channels}. Re-export the checkpoint.")
-        self.build_segmentation_net("cpu")
+        try:
+            self.build_segmentation_net("cpu")
+        except CheckpointError as error:
+            raise CheckpointError(f"'{source}': {error}") from error
         if self.diffusion is not None:
             if self.diffusion.net_config.cond_channels != self.num_classes + 1:
                 raise CheckpointError(
                     f"'{source}': the diffusion model is conditioned on "
                     f"{self.diffusion.net_config.cond_channels} channels but the classes need "
                     f"{self.num_classes + 1} (one-hot + body). Retrain it with --diffusion.")
-            self.build_diffusion_net("cpu")
+            try:
+                self.build_diffusion_net("cpu")
+            except CheckpointError as error:
+                raise CheckpointError(f"'{source}': {error}") from error
         if self.prototypes is not None:
             from .gmm.prototypes import ClassPrototypes, check_compatible
 
@@ -285,25 +291,35 @@ def _safe_torch_load(path: Path) -> Any:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
         text = str(error)
-        if "weights only" in text.lower() or "weights_only" in text:
+        if any(marker in text for marker in _CODE_MARKERS):
             raise CheckpointError(
                 f"Refused to load '{path}': it contains Python objects that would run code when "
-                f"loaded ({_unsafe_global(text)}). SFUDASegment never executes code from a "
+                f"loaded ({_unpickler_reason(text)}). SFUDASegment never executes code from a "
                 "checkpoint. Only use *.sfuda files from a trusted source; ask its author for a "
                 "file written by `sfuda train-source`.") from error
-        raise CheckpointError(f"Checkpoint '{path}' is corrupt or not a checkpoint ({text[:200]}). "
-                              "Copy the file again or re-export it.") from error
+        raise CheckpointError(f"Checkpoint '{path}' is corrupt or not a checkpoint "
+                              f"({_unpickler_reason(text)}). Copy the file again or re-export it.") from error
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError, io.UnsupportedOperation) as error:
         text = str(error)
-        hint = "truncated or corrupt" if ("zip" in text.lower() or "EOF" in text or
+        # a zip archive (the current format) cut short has lost its central directory
+        cut_zip = head.startswith(b"PK") and not zipfile.is_zipfile(path)
+        hint = "truncated or corrupt" if ("zip" in text.lower() or "EOF" in text or cut_zip or
                                           isinstance(error, EOFError)) else "unreadable"
         raise CheckpointError(f"Checkpoint '{path}' is {hint} ({type(error).__name__}: {text[:200]}). "
                               "Copy the file again, or re-export it with `sfuda train-source`.") from error
 
 
-def _unsafe_global(message: str) -> str:
-    """Pull the offending global's name out of PyTorch's weights-only error text."""
+#: phrases of PyTorch's weights-only unpickler that mean the file asked to import or call code
+#: (every weights-only failure mentions "weights only"; random bytes fail on an unknown opcode)
+_CODE_MARKERS = ("GLOBAL", "unrecognized function", "Can only create new object", "Can only build")
+
+
+def _unpickler_reason(message: str) -> str:
+    """The specific reason in PyTorch's weights-only error text, without its boilerplate (which
+    suggests ``weights_only=False``, exactly what must not be done with an untrusted file)."""
+    boilerplate = ("Weights only load failed", "Please file an issue", "Check the documentation")
     for line in message.splitlines():
-        if "GLOBAL" in line or "Unsupported global" in line:
-            return line.strip()[:160]
-    return "unsupported global"
+        line = line.strip()
+        if line and not line.startswith(boilerplate):
+            return line[:160]
+    return "not a valid weights-only pickle"

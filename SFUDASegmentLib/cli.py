@@ -124,7 +124,14 @@ def cmd_train_source(args: argparse.Namespace, progress: Optional[ProgressReport
     outcome = train_source(volumes, label_maps, classes, spec, config, seg_config, diffusion,
                            progress=progress, case_names=[Path(p).name for p in images],
                            resume_path=out.with_suffix(out.suffix + ".train-state") if args.resume else None)
-    outcome.checkpoint.save(out)
+    checkpoint = outcome.checkpoint
+    if args.prototypes:
+        from .config import GMMConfig
+        from .gmm import fit_prototypes
+
+        checkpoint = fit_prototypes(checkpoint, volumes, label_maps, GMMConfig(rho=args.rho, seed=args.seed),
+                                    device=args.device, progress=progress)
+    checkpoint.save(out)
     _print_json({"checkpoint": str(out), "best_epoch": outcome.best_epoch,
                  "validation_mean_dice": outcome.best_val_dice, "history": outcome.history})
     return 0
@@ -133,19 +140,86 @@ def cmd_train_source(args: argparse.Namespace, progress: Optional[ProgressReport
 def cmd_segment(args: argparse.Namespace, progress: Optional[ProgressReporter]) -> int:
     from .checkpoint import SourceCheckpoint
     from .config import InferenceConfig
+    from .inference import segment
+    from .io import read_image
     from .result_files import write_result
 
     checkpoint = SourceCheckpoint.load(args.checkpoint)
-    from .io import read_image
-
     volume = read_image(args.image)
-    from .inference import segment
-
     config = InferenceConfig(device=args.device, batch_size=args.batch_size, overlap=args.overlap)
     result = segment(checkpoint, volume, config, "probabilities" if args.uncertainty else "labels", progress)
     report = write_result(result, args.out, input_path=args.image, checkpoint_path=args.checkpoint)
     _print_json({"out": args.out, "seconds": report["timings"]["total_seconds"],
                  "structures": report["structure_stats"]})
+    return 0
+
+
+def cmd_adapt(args: argparse.Namespace, progress: Optional[ProgressReporter]) -> int:
+    from .checkpoint import SourceCheckpoint
+    from .config import GMMConfig, HEALConfig, InferenceConfig
+    from .io import read_image
+    from .result_files import write_result
+
+    checkpoint = SourceCheckpoint.load(args.checkpoint)
+    if args.save_adapted and (args.method != "gmm" or Path(args.save_adapted).resolve() == Path(args.checkpoint).resolve()):
+        raise InputError(f"--save-adapted '{args.save_adapted}' must name a new file (the source checkpoint is never "
+                         "overwritten) and needs --method gmm (the other methods change no weights).")
+    volumes = [read_image(p) for p in args.image]
+    inference = InferenceConfig(device=args.device, batch_size=args.batch_size)
+    if args.method != "gmm" and len(volumes) > 1:
+        raise InputError(f"--method {args.method} adapts one image at a time; give one --image "
+                         "(several --image are for --method gmm).")
+    if args.method == "none":
+        from .inference import segment
+
+        results = [segment(checkpoint, volumes[0], inference, "probabilities", progress)]
+    elif args.method == "heal":
+        from .heal import heal_adapt
+
+        config = HEALConfig(tau1=args.tau1, tau2=args.tau2, candidates=args.candidates,
+                            sampler=args.sampler, steps=args.steps, stages=args.stages, seed=args.seed,
+                            candidate_batch=args.candidate_batch)
+        results = [heal_adapt(volumes[0], checkpoint, config, inference, progress)]
+    else:
+        from .gmm import gmm_adapt
+        from .gmm.adaptation import adapted_checkpoint
+
+        config = GMMConfig(iterations=args.iterations, lam=args.lam, lr=args.lr, seed=args.seed,
+                           freeze_classifier=args.freeze_classifier)
+        results, adaptation = gmm_adapt(volumes, checkpoint, config, inference, progress)
+        if args.save_adapted:
+            adapted_checkpoint(checkpoint, adaptation, config, list(args.image)).save(args.save_adapted)
+    outputs = []
+    for i, (result, path) in enumerate(zip(results, args.image)):
+        out = Path(args.out) if len(results) == 1 else Path(args.out) / f"case_{i:03d}_{Path(path).name.split('.')[0]}"
+        report = write_result(result, out, input_path=path, checkpoint_path=args.checkpoint)
+        if args.method == "gmm":
+            from .gmm.plots import write_embedding_plot
+
+            write_embedding_plot(result, out / "embeddings_pca.png")
+        outputs.append({"out": str(out), "seconds": report["timings"]["total_seconds"],
+                        "selected_index": report["selected_index"],
+                        "structures": report["structure_stats"]})
+    _print_json(outputs[0] if len(outputs) == 1 else outputs)
+    return 0
+
+
+def cmd_fit_prototypes(args: argparse.Namespace, progress: Optional[ProgressReporter]) -> int:
+    from .checkpoint import SourceCheckpoint
+    from .config import GMMConfig
+    from .gmm import fit_prototypes
+    from .io import read_image, read_label
+
+    if not args.image or len(args.image) != len(args.label or []):
+        raise InputError("Give one --label per --image (labelled source cases).")
+    checkpoint = SourceCheckpoint.load(args.checkpoint)
+    allowed = {0} | {c.value for c in checkpoint.classes}
+    images = [read_image(p) for p in args.image]
+    labels = [read_label(p, allowed_values=allowed) for p in args.label]
+    fitted = fit_prototypes(checkpoint, images, labels, GMMConfig(rho=args.rho, seed=args.seed),
+                            device=args.device, progress=progress)
+    fitted.save(args.out)
+    _print_json({"checkpoint": args.out, "prototypes": fitted.describe()["prototypes"]})
     return 0
 
 
@@ -207,7 +281,8 @@ def cmd_info(args: argparse.Namespace, progress: Optional[ProgressReporter]) -> 
 def cmd_demo(args: argparse.Namespace, progress: Optional[ProgressReporter]) -> int:
     from .demo import run_demo
 
-    summary = run_demo(Path(args.out), quick=args.quick, device=args.device, progress=progress)
+    summary = run_demo(Path(args.out), quick=args.quick, device=args.device, train=args.train,
+                       progress=progress, sample_data_dir=args.write_sample_data)
     _print_json(summary)
     return 0
 
@@ -242,6 +317,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--channels", default="16,32,64,128", help="U-Net width per level")
     p.add_argument("--diffusion", action="store_true", help="also train the conditional diffusion model (HEAL)")
     p.add_argument("--diffusion-iterations", type=int, default=2000)
+    p.add_argument("--prototypes", action="store_true", help="also fit the GMM class prototypes (GMM adaptation)")
+    p.add_argument("--rho", type=float, default=0.97, help="with --prototypes: confidence threshold of the voxels they are fitted on")
     p.add_argument("--resume", action="store_true", help="resume an interrupted run (state file beside --out)")
     p.add_argument("--seed", type=int, default=0)
     device_arg(p)
@@ -256,6 +333,42 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overlap", type=float, default=0.5)
     device_arg(p)
     p.set_defaults(func=cmd_segment)
+
+    p = sub.add_parser("adapt", help="adapt the source model to target image(s): none, heal or gmm")
+    p.add_argument("--method", choices=("none", "heal", "gmm"), default="heal")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--image", action="append", required=True,
+                   help="target image (repeat for several with --method gmm)")
+    p.add_argument("--out", required=True, help="output folder (one sub-folder per image when several)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=4, help="slices/windows per forward pass")
+    h = p.add_argument_group("HEAL")
+    h.add_argument("--tau1", type=float, default=0.2, help="entropy threshold")
+    h.add_argument("--tau2", type=float, default=0.2, help="normalised NIG variance threshold")
+    h.add_argument("--candidates", type=int, default=6, help="n diffusion candidates")
+    h.add_argument("--sampler", choices=("ddpm", "ddim"), default="ddim")
+    h.add_argument("--steps", type=int, default=50, help="DDIM steps (DDPM always uses all T)")
+    h.add_argument("--stages", choices=("hd", "hd+egs", "heal"), default="heal",
+                   help="ablation: denoising only, + edge-guided selection, full HEAL")
+    h.add_argument("--candidate-batch", type=int, default=6, help="candidates (or slices) per diffusion batch")
+    g = p.add_argument_group("GMM")
+    g.add_argument("--iterations", type=int, default=100)
+    g.add_argument("--lambda", dest="lam", type=float, default=0.5, help="weight of the SWD term")
+    g.add_argument("--lr", type=float, default=5e-5)
+    g.add_argument("--freeze-classifier", action="store_true")
+    g.add_argument("--save-adapted", help="also write the adapted model as a new checkpoint")
+    device_arg(p)
+    p.set_defaults(func=cmd_adapt)
+
+    p = sub.add_parser("fit-prototypes", help="add GMM class prototypes to a checkpoint (labelled source cases)")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--image", action="append", required=True)
+    p.add_argument("--label", action="append", required=True)
+    p.add_argument("--out", required=True, help="new checkpoint (the input file is not modified)")
+    p.add_argument("--rho", type=float, default=0.97, help="confidence threshold")
+    p.add_argument("--seed", type=int, default=0)
+    device_arg(p)
+    p.set_defaults(func=cmd_fit_prototypes)
 
     p = sub.add_parser("evaluate", help="Dice, IoU, ASD, ASSD, HD95, NSD of a segmentation against a reference")
     p.add_argument("--pred", required=True)
@@ -273,7 +386,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="end-to-end demo on synthetic two-modality phantoms")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--quick", action="store_true", help="smaller models and data (for tests)")
+    p.add_argument("--quick", action="store_true", help="tiny models and data (for tests)")
+    p.add_argument("--train", action="store_true", help="train the demo checkpoint even when one is bundled")
+    p.add_argument("--write-sample-data", metavar="DIR",
+                   help="also write the checkpoint and target scan as Slicer sample data (Resources/SampleData)")
     device_arg(p)
     p.set_defaults(func=cmd_demo)
     return parser

@@ -11,6 +11,7 @@ formats PNG, JPEG (``.jpg``, ``.jpeg``) and BMP.
 
 from __future__ import annotations
 
+import gzip
 import os
 import shutil
 import tempfile
@@ -196,12 +197,55 @@ def read_image(path: PathLike, as_gray: bool = False) -> Volume:
         image = reader.Execute()
     except RuntimeError as exc:
         raise _unreadable(path, ext, exc) from None
+    if ext in (".nii", ".nii.gz"):
+        _refuse_nifti_nonfinite(path)
     volume = from_sitk(image, f"'{path}'")
     if ext == ".bmp" and volume.is_rgb and _channels_equal(volume.array):
         volume = volume.like(np.ascontiguousarray(volume.array[..., 0]))  # ITK expands BMP palettes
     if as_gray and volume.is_rgb:
         volume = volume.like(rgb_to_gray(volume.array))
     return volume
+
+
+_NIFTI_FLOAT_TYPES = {16: "f4", 64: "f8"}
+
+
+def _refuse_nifti_nonfinite(path: Path) -> None:
+    """Raise when a float NIfTI file holds NaN/Inf voxels.
+
+    SimpleITK's NIfTI reader silently turns NaN and Inf into 0, so the voxel data is checked
+    in the file itself (NIfTI-1 and NIfTI-2 headers, either byte order, gzip or plain).
+
+    Raises:
+        InputError: naming the count and the fix.
+    """
+    opener = gzip.open if path.name.lower().endswith(".gz") else open
+    with opener(path, "rb") as handle:
+        data = handle.read()
+    for order in ("<", ">"):
+        size = np.frombuffer(data[:4], f"{order}i4")[0]
+        if size == 348:
+            datatype = int(np.frombuffer(data[70:72], f"{order}i2")[0])
+            dims = np.frombuffer(data[40:56], f"{order}i2")
+            offset = int(np.frombuffer(data[108:112], f"{order}f4")[0])
+            break
+        if size == 540:
+            datatype = int(np.frombuffer(data[12:14], f"{order}i2")[0])
+            dims = np.frombuffer(data[16:80], f"{order}i8")
+            offset = int(np.frombuffer(data[168:176], f"{order}i8")[0])
+            break
+    else:
+        return
+    if datatype not in _NIFTI_FLOAT_TYPES:
+        return
+    count = int(np.prod([max(int(d), 1) for d in dims[1:int(dims[0]) + 1]]))
+    voxels = np.frombuffer(data, f"{order}{_NIFTI_FLOAT_TYPES[datatype]}", count=count, offset=offset)
+    bad = int(np.count_nonzero(~np.isfinite(voxels)))
+    if bad:
+        raise InputError(
+            f"'{path}' contains {bad} NaN/Inf voxel(s) (SimpleITK would silently read them as 0). "
+            "Replace them with a finite value (e.g. the background intensity) and save the "
+            "volume again, or mask them out before segmentation.")
 
 
 def _unreadable(path: Path, ext: str, exc: Exception) -> InputError:

@@ -119,7 +119,10 @@ def prepare_input(volume: Volume, spec: InputSpec, name: str = "image") -> Prepa
         if shape != channels_first.shape[1:]:
             channels_first = np.stack([resample_to_shape(c, shape, order=1) for c in channels_first])
             spacing = target
-    mask = foreground_mask(np.moveaxis(channels_first, 0, -1) if volume.is_rgb else channels_first[0])
+    if volume.is_rgb:  # (3, 1, Y, X) -> the (Y, X, 3) colour reading, mask back to (1, Y, X)
+        mask = foreground_mask(np.moveaxis(channels_first[:, 0], 0, -1), rgb=True)[None]
+    else:
+        mask = foreground_mask(channels_first[0])
     normalised = np.stack([normalize_intensity(c, mask, spec.clip_percentiles)[0]
                            for c in channels_first]).astype(np.float32)
     return PreparedInput(normalised, mask.astype(bool), volume.geometry,

@@ -420,3 +420,18 @@ def test_write_png_converts_integer_valued_labels_losslessly(tmp_path):
     wide = read_image(write_image(Volume(labels * 1000, Geometry((1.0, 1.0))), tmp_path / "w.png"))
     assert wide.array.dtype == np.uint16
     np.testing.assert_array_equal(wide.array, labels * 1000)
+
+
+def test_nifti_nan_and_inf_are_refused_not_zeroed(tmp_path):
+    """SimpleITK reads NaN/Inf in NIfTI as 0: read_image must refuse the file instead."""
+    array = np.ones((4, 5, 6), np.float32)
+    array[1, 2, 3] = np.nan
+    array[0, 0, 0] = np.inf
+    for name in ("bad.nii.gz", "bad.nii"):
+        path = tmp_path / name
+        sitk.WriteImage(sitk.GetImageFromArray(array), str(path))
+        assert np.isfinite(sitk.GetArrayFromImage(sitk.ReadImage(str(path)))).all()  # the trap
+        with pytest.raises(InputError, match="2 NaN/Inf voxel"):
+            read_image(path)
+    sitk.WriteImage(sitk.GetImageFromArray(np.ones((4, 5, 6), np.float64)), str(tmp_path / "ok.nii.gz"))
+    assert read_image(tmp_path / "ok.nii.gz").array.dtype == np.float64

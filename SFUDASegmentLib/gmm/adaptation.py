@@ -44,6 +44,8 @@ class GMMAdaptation:
         loss_curve: total loss per iteration.
         proportions: class proportions used for the prototype samples.
         stopped_early: message when a NaN loss stopped the run (weights restored), else None.
+        embedding_pca: 2D PCA of prototype samples and target embeddings before/after (for the
+            reviewer's plot), see :func:`embedding_pca`.
     """
 
     model: torch.nn.Module
@@ -52,11 +54,43 @@ class GMMAdaptation:
     loss_curve: list[float] = field(default_factory=list)
     proportions: list[float] = field(default_factory=list)
     stopped_early: Optional[str] = None
+    embedding_pca: dict[str, Any] = field(default_factory=dict)
 
     def report(self) -> dict[str, Any]:
+        """JSON-friendly record (goes into report.json)."""
         return {"swd_before": self.swd_before, "swd_after": self.swd_after,
                 "loss_curve": self.loss_curve, "class_proportions": self.proportions,
-                "stopped_early": self.stopped_early}
+                "stopped_early": self.stopped_early, "embedding_pca": self.embedding_pca}
+
+
+def embedding_pca(prototype_samples: torch.Tensor, prototype_labels: torch.Tensor, before: torch.Tensor,
+                  after: torch.Tensor, seed: int, points: int = 400) -> dict[str, Any]:
+    """Project prototype samples and target embeddings (before/after) on the prototypes' first
+    two principal axes.
+
+    Args:
+        prototype_samples: ``(N, D)`` draws from the class Gaussians; prototype_labels: ``(N,)``.
+        before, after: ``(M, D)`` target embeddings of the same voxels before/after adaptation.
+        points: at most this many points of each set are kept.
+
+    Returns:
+        ``{"prototypes": [[x, y, class], ...], "before": [[x, y], ...], "after": [[x, y], ...]}``.
+    """
+    rng = np.random.default_rng(seed)
+    data = prototype_samples.detach().double().cpu()
+    mean = data.mean(0)
+    _, _, v = torch.linalg.svd(data - mean, full_matrices=False)
+    axes = v[:2].T
+
+    def project(z: torch.Tensor) -> np.ndarray:
+        pts = ((z.detach().double().cpu() - mean) @ axes).numpy()
+        return pts[rng.choice(len(pts), size=min(points, len(pts)), replace=False)] if len(pts) > points else pts
+
+    keep = rng.choice(len(data), size=min(points, len(data)), replace=False)
+    proto = ((data[keep] - mean) @ axes).numpy()
+    labels = prototype_labels.detach().cpu().numpy()[keep]
+    return {"prototypes": [[float(a), float(b), int(c)] for (a, b), c in zip(proto, labels)],
+            "before": project(before).tolist(), "after": project(after).tolist()}
 
 
 def check_gmm_config(config: GMMConfig) -> None:
@@ -134,22 +168,23 @@ def adapt_model(checkpoint: SourceCheckpoint, targets: Sequence[PreparedInput], 
     eval_rng = np.random.default_rng(config.seed + 1)
     eval_directions = random_directions(model.embedding_dim, config.projections,
                                         torch.Generator().manual_seed(config.seed + 2)).to(device)
-    eval_samples, _ = prototypes.sample(counts, torch.Generator().manual_seed(config.seed + 3), device)
+    eval_samples, eval_labels = prototypes.sample(counts, torch.Generator().manual_seed(config.seed + 3), device)
     eval_state = eval_rng.bit_generator.state
 
-    def evaluate_swd() -> float:
+    def evaluate_swd() -> tuple[float, torch.Tensor]:
         eval_rng.bit_generator.state = eval_state
         with torch.no_grad():
             z_t = _target_embeddings(model, targets, spec, input_batch, config.batch_voxels, eval_rng,
                                      device, config.amp)
-            return float(sliced_wasserstein(z_t, eval_samples, directions=eval_directions))
+            return float(sliced_wasserstein(z_t, eval_samples, directions=eval_directions)), z_t
 
-    swd_before = evaluate_swd()
+    swd_before, z_before = evaluate_swd()
     if config.freeze_classifier:
         for p in model.classifier.parameters():
             p.requires_grad_(False)
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=config.lr)
-    good_state = copy.deepcopy(model.state_dict())
+    # weights known to give a finite loss, and after how many steps (0 = the source weights)
+    good_state, good_steps = copy.deepcopy(model.state_dict()), 0
     losses: list[float] = []
     stopped = None
     for it in range(config.iterations):
@@ -159,20 +194,27 @@ def adapt_model(checkpoint: SourceCheckpoint, targets: Sequence[PreparedInput], 
         swd = sliced_wasserstein(z_t, z_s, projections=config.projections, generator=generator)
         loss = ce + config.lam * swd
         if not torch.isfinite(loss):
-            stopped = (f"loss became {float(loss)} at iteration {it + 1}; adaptation stopped and the "
-                       f"weights of iteration {it} were kept. Lower the learning rate.")
+            stopped = (f"loss became {float(loss.detach())} at iteration {it + 1}; adaptation stopped and "
+                       f"the weights after iteration {good_steps} were restored (0: the source weights). "
+                       "Lower the learning rate.")
             model.load_state_dict(good_state)
             break
+        if it % 10 == 0 and it > 0:  # the current weights (after `it` steps) gave a finite loss
+            good_state, good_steps = copy.deepcopy(model.state_dict()), it
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         losses.append(float(loss.detach()))
-        if it % 10 == 9:
-            good_state = copy.deepcopy(model.state_dict())
         report(progress, "adaptation", (it + 1) / config.iterations,
-               f"iteration {it + 1}/{config.iterations}: CE {float(ce):.3f}, SWD {float(swd):.4f}")
+               f"iteration {it + 1}/{config.iterations}: CE {float(ce.detach()):.3f}, SWD {float(swd.detach()):.4f}")
+    if stopped is None and not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
+        stopped = (f"the weights became NaN or infinite at the last iteration; the weights after iteration "
+                   f"{good_steps} were restored (0: the source weights). Lower the learning rate.")
+        model.load_state_dict(good_state)
     model.eval()
-    return GMMAdaptation(model, swd_before, evaluate_swd(), losses, proportions, stopped)
+    swd_after, z_after = evaluate_swd()
+    pca = embedding_pca(eval_samples, eval_labels, z_before, z_after, config.seed)
+    return GMMAdaptation(model, swd_before, swd_after, losses, proportions, stopped, pca)
 
 
 def adapted_checkpoint(checkpoint: SourceCheckpoint, adaptation: GMMAdaptation, config: GMMConfig,
