@@ -223,6 +223,60 @@ def cmd_fit_prototypes(args: argparse.Namespace, progress: Optional[ProgressRepo
     return 0
 
 
+def cmd_diffuse_uda(args: argparse.Namespace, progress: Optional[ProgressReporter]) -> int:
+    from .config import InputSpec, parse_labels
+    from .diffuse_uda import DiffuseUDAConfig, run_diffuse_uda
+    from .io import read_image, read_label
+
+    if not args.source_image or len(args.source_image) != len(args.source_label or []):
+        raise InputError(f"Got {len(args.source_image or [])} --source-image and {len(args.source_label or [])} "
+                         "--source-label; give one --source-label per --source-image (labelled source scans).")
+    classes = parse_labels(args.labels)
+    allowed = {0} | {c.value for c in classes}
+    sources = [read_image(p) for p in args.source_image]
+    labels = [read_label(p, allowed_values=allowed) for p in args.source_label]
+    targets = [read_image(p) for p in args.target_image]
+    default_patch = (64, 64, 64) if args.dims == "3d" else (128, 128)
+    spec = InputSpec(dims=args.dims, modality=args.modality, image_channels=3 if sources[0].is_rgb else 1,
+                     patch_size=_ints(args.patch_size, "patch-size") if args.patch_size else default_patch)
+    diffusion_widths = _ints(args.diffusion_channels, "diffusion-channels")
+    if not diffusion_widths or any(w < 1 or w % diffusion_widths[0] for w in diffusion_widths):
+        raise InputError(f"--diffusion-channels takes positive widths per level that are multiples of the "
+                         f"first, e.g. '32,64,64,128'; got '{args.diffusion_channels}'.")
+    config = DiffuseUDAConfig(fourier=not args.no_fourier, deform=not args.no_deform,
+                              synthetic_scale=args.synthetic_scale, ascplus_iterations=args.iterations,
+                              diffusion_iterations=args.diffusion_iterations, retrain_iterations=args.iterations,
+                              batch_size=args.batch_size, seg_channels=_ints(args.channels, "channels"),
+                              diffusion_base_channels=diffusion_widths[0],
+                              diffusion_channel_mults=tuple(w // diffusion_widths[0] for w in diffusion_widths),
+                              steps=args.steps, seed=args.seed, device=args.device)
+    outcome = run_diffuse_uda(sources, labels, targets, classes, spec, config,
+                              Path(args.workdir) if args.workdir else None, progress,
+                              [Path(p).name for p in args.source_image], [Path(p).name for p in args.target_image])
+    outcome.checkpoint.save(args.out)
+    _print_json({"checkpoint": args.out, "stages": outcome.stages, "timings": outcome.timings,
+                 "synthetic_dataset": str(outcome.manifest_path) if outcome.manifest_path else None})
+    return 0
+
+
+def cmd_synthesize(args: argparse.Namespace, progress: Optional[ProgressReporter]) -> int:
+    from .checkpoint import SourceCheckpoint
+    from .diffuse_uda import synthesize_from_label_maps
+    from .io import read_image, read_label
+
+    checkpoint = SourceCheckpoint.load(args.checkpoint)
+    allowed = {0} | {c.value for c in checkpoint.classes}
+    label_maps = [read_label(p, allowed_values=allowed) for p in args.label]
+    images = [read_image(p) for p in args.image] if args.image else None
+    if images is not None and len(images) != len(label_maps):
+        raise InputError("Give one --image per --label (or none).")
+    manifest = synthesize_from_label_maps(checkpoint, label_maps, args.n, args.out, deform=args.deform,
+                                          images=images, sampler=args.sampler, steps=args.steps, seed=args.seed,
+                                          device=args.device, progress=progress)
+    _print_json({"manifest": str(manifest)})
+    return 0
+
+
 def cmd_evaluate(args: argparse.Namespace, progress: Optional[ProgressReporter]) -> int:
     import numpy as np
 
@@ -369,6 +423,43 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     device_arg(p)
     p.set_defaults(func=cmd_fit_prototypes)
+
+    p = sub.add_parser("diffuse-uda", help="source side: ASCPlus + diffusion synthesis + retraining -> checkpoint")
+    p.add_argument("--source-image", action="append", required=True)
+    p.add_argument("--source-label", action="append", required=True)
+    p.add_argument("--target-image", action="append", required=True, help="unlabelled target scans")
+    p.add_argument("--labels", required=True, help="classes as 'value:name,...'")
+    p.add_argument("--dims", choices=("2d", "2.5d", "3d"), default="2d")
+    p.add_argument("--modality", default="MR")
+    p.add_argument("--patch-size", help="e.g. 128,128 (2D) or 64,64,64 (3D)")
+    p.add_argument("--out", required=True, help="output checkpoint")
+    p.add_argument("--workdir", help="stage outputs (resumable) and the synthetic dataset")
+    p.add_argument("--synthetic-scale", type=float, default=2.0, help="synthetic pairs per source sample (0: none)")
+    p.add_argument("--iterations", type=int, default=1000, help="ASCPlus and retraining iterations")
+    p.add_argument("--diffusion-iterations", type=int, default=2000)
+    p.add_argument("--batch-size", type=int, default=4, help="segmentation batch (ASCPlus and retraining)")
+    p.add_argument("--channels", default="16,32,64,128", help="segmentation U-Net width per level")
+    p.add_argument("--diffusion-channels", default="32,64,64,128",
+                   help="diffusion U-Net width per level (multiples of the first), e.g. 16,32,32")
+    p.add_argument("--steps", type=int, default=50, help="DDIM steps when synthesizing")
+    p.add_argument("--no-fourier", action="store_true", help="ablation: no Fourier appearance transfer")
+    p.add_argument("--no-deform", action="store_true", help="ablation: no deformable augmentation")
+    p.add_argument("--seed", type=int, default=0)
+    device_arg(p)
+    p.set_defaults(func=cmd_diffuse_uda)
+
+    p = sub.add_parser("synthesize", help="generate image-label pairs from label maps with the diffusion model")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--label", action="append", required=True, help="label map (repeat for several)")
+    p.add_argument("--image", action="append", help="its image (optional: gives the body outline)")
+    p.add_argument("--n", type=int, default=8, help="number of pairs")
+    p.add_argument("--deform", action="store_true", help="deform the label maps first")
+    p.add_argument("--sampler", choices=("ddpm", "ddim"), default="ddim")
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--out", required=True, help="dataset folder (NIfTI pairs + manifest.json)")
+    p.add_argument("--seed", type=int, default=0)
+    device_arg(p)
+    p.set_defaults(func=cmd_synthesize)
 
     p = sub.add_parser("evaluate", help="Dice, IoU, ASD, ASSD, HD95, NSD of a segmentation against a reference")
     p.add_argument("--pred", required=True)

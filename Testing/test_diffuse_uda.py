@@ -483,3 +483,25 @@ def test_run_diffuse_uda_tiny_is_resumable_and_saves_a_checkpoint(tmp_path):
     assert ablation.checkpoint.diffusion is None and ablation.manifest_path is None
     with pytest.raises(InputError):
         run_diffuse_uda(args[0], args[1][:2], *args[2:], config)
+
+
+@pytest.mark.parametrize("dims", ["3d", "2.5d"])
+def test_run_diffuse_uda_on_volumes(dims):
+    phantoms = make_phantom_set(2, (16, 16, 16), 21, gap=0.8)
+    targets = make_phantom_set(1, (16, 16, 16), 22, gap=0.8)
+    patch = (16, 16, 16) if dims == "3d" else (16, 16)
+    spec = InputSpec(dims=dims, modality="phantom", patch_size=patch)
+    config = DiffuseUDAConfig(ascplus_iterations=1, diffusion_iterations=1, retrain_iterations=1,
+                              retrain_epochs=1, batch_size=2, synthetic_scale=0.5, steps=1, timesteps=5,
+                              diffusion_base_channels=8, diffusion_channel_mults=(1, 2), restyled_copies=1,
+                              diffusion_batch_size=2, seg_channels=(4, 8), checkpoints=1, device="cpu")
+    outcome = run_diffuse_uda([p.source for p in phantoms], [p.labels for p in phantoms],
+                              [p.target for p in targets], PHANTOM_CLASSES, spec, config)
+    assert set(outcome.stages.values()) == {"ran"} and outcome.manifest_path is None
+    assert outcome.pseudo_labels[0].shape == (16, 16, 16)
+    # 3D: round(0.5 * 2 cases) = 1 synthetic volume; 2.5D: half the source slices holding body
+    body_slices = sum(int(p.body.any(axis=(1, 2)).sum()) for p in phantoms)
+    assert outcome.checkpoint.provenance["synthetic_pairs"] == (1 if dims == "3d" else round(0.5 * body_slices))
+    assert outcome.checkpoint.provenance["restyled_cases"] == 2
+    assert outcome.checkpoint.diffusion.net_config.spatial_dims == (3 if dims == "3d" else 2)
+    outcome.checkpoint.validate()

@@ -1,9 +1,10 @@
 """Diffuse-UDA (source side): Fourier appearance transfer, deformable augmentation, ASCPlus
 consistency training, ensemble pseudo-labels, diffusion synthesis of image-label pairs and the
-resumable end-to-end pipeline."""
+resumable end-to-end pipeline.
 
-from importlib import import_module
-from typing import Any
+Imports are lazy: the pipeline pulls in training and diffusion code."""
+
+from ..lazy import lazy_exports
 
 _EXPORTS = {
     "fourier_amplitude_transfer": ".fourier", "adaptive_beta": ".fourier",
@@ -17,10 +18,4 @@ _EXPORTS = {
     "DiffuseUDAConfig": ".pipeline", "DiffuseUDAOutcome": ".pipeline", "run_diffuse_uda": ".pipeline",
 }
 __all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str) -> Any:
-    """Import the submodules lazily (the pipeline pulls in training and diffusion code)."""
-    if name in _EXPORTS:
-        return getattr(import_module(_EXPORTS[name], __name__), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_exports(__name__, _EXPORTS)

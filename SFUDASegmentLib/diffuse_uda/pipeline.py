@@ -7,7 +7,8 @@ Stages (each writes its output into ``workdir`` and is skipped when that output 
 3. ``diffusion``: the conditional diffusion model trained on source pairs (plus deformed copies
    when ``deform``) and target (image, pseudo-label) pairs.
 4. ``synthesis``: ``N = round(synthetic_scale * U)`` pairs from source labels and target
-   pseudo-labels (deformed when ``deform``), ``U`` = source slices (2D / 2.5D) or cases (3D),
+   pseudo-labels (deformed when ``deform``), ``U`` = source slices holding body voxels (2D /
+   2.5D; a 2D image is one slice) or source cases (3D),
    written as a NIfTI dataset with a manifest (:mod:`.synthesis`).
 5. ``retrain``: the segmentation network trained from scratch on source + synthetic (+ the
    source restyled towards random targets when ``fourier``) -> the final checkpoint, which also
@@ -74,8 +75,9 @@ class DiffuseUDAConfig:
         fourier: Fourier appearance transfer in ASCPlus and restyled source in the retraining.
         deform: deformable augmentation of the diffusion training pairs and of the synthesis
             conditions.
-        synthetic_scale: ``N = round(scale * U)`` synthetic pairs (U: source slices for 2D /
-            2.5D, source cases for 3D); 0 disables the diffusion model and synthesis.
+        synthetic_scale: ``N = round(scale * U)`` synthetic pairs (U: source slices holding
+            body voxels for 2D / 2.5D, source cases for 3D); 0 disables the diffusion model and
+            synthesis.
         ascplus_iterations, retrain_iterations, diffusion_iterations: the three budgets.
         retrain_epochs: the retraining's iterations are split into this many epochs (a
             validation and best-weights check after each).
@@ -134,7 +136,8 @@ class DiffuseUDAOutcome:
         stages: per stage ``"ran"``, ``"loaded"`` (found in the workdir) or ``"disabled"``.
         timings: :meth:`StageTimer.to_dict` (seconds and peak memory per stage).
         manifest_path: the synthetic dataset's manifest (None without a workdir or synthesis).
-        pseudo_labels: target pseudo-labels ``(Z, Y, X)`` on the network grid.
+        pseudo_labels: target pseudo-labels ``(Z, Y, X)`` (class indices) on the network grid,
+            padded at the far end to at least the patch size.
         provenance: the description stored in the checkpoint.
     """
 
@@ -285,7 +288,7 @@ def _templates(cases: Sequence[TrainingCase], labels: Sequence[np.ndarray], geom
         for z in range(lab.shape[0]):
             if case.foreground[z].any() or lab.shape[0] == 1:
                 out.append((LabelTemplate(lab[z], case.foreground[z], f"{kind} {case.name} slice {z}"),
-                            slice_geometry(geometry, z) if geometry.ndim == 3 else geometry))
+                            slice_geometry(geometry, z)))
     return out
 
 

@@ -1,16 +1,10 @@
 """HEAL: learning-free source-free adaptation (hierarchical denoising, edge-guided selection of
-diffusion candidates, size-aware fusion)."""
+diffusion candidates, size-aware fusion).
 
-from importlib import import_module
-from typing import Any
+Imports are lazy: the pipeline imports ``inference``, which uses this package's denoising."""
+
+from ..lazy import lazy_exports
 
 _EXPORTS = {'heal_adapt': '.pipeline'}
 __all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str) -> Any:
-    """Import the pipeline lazily (it imports ``inference``, which uses this package's
-    denoising functions: eager import would be circular)."""
-    if name in _EXPORTS:
-        return getattr(import_module(_EXPORTS[name], __name__), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_exports(__name__, _EXPORTS)

@@ -64,6 +64,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--gmm-iterations", type=int, default=100)
     parser.add_argument("--gmm-lr", type=float, default=5e-5)
+    parser.add_argument("--skip-heal", action="store_true", help="only no adaptation and GMM")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--json", help="write the figures here")
     args = parser.parse_args()
@@ -73,15 +74,18 @@ def main() -> None:
     if args.save:
         checkpoint.save(args.save)
     train_seconds = time.perf_counter() - t0
-    per_seed: dict[str, list[float]] = {m: [] for m in METHODS}
-    per_label: dict[str, list[list[float]]] = {m: [] for m in METHODS}
+    methods = ("none", "gmm") if args.skip_heal else METHODS
+    per_seed: dict[str, list[float]] = {m: [] for m in methods}
+    per_label: dict[str, list[list[float]]] = {m: [] for m in methods}
     swd: list[tuple[float, float]] = []
     inference = InferenceConfig(device=args.device)
     for seed in range(args.seeds):
         cases = make_phantom_set(args.cases, (args.size, args.size), seed=1000 + seed, gap=args.gap)
-        labels: dict[str, list[np.ndarray]] = {m: [] for m in METHODS}
+        labels: dict[str, list[np.ndarray]] = {m: [] for m in methods}
         for case in cases:
             labels["none"].append(segment(checkpoint, case.target, inference).labels)
+            if args.skip_heal:
+                continue
             heal = heal_adapt(case.target, checkpoint, HEALConfig(candidates=args.candidates, steps=args.steps,
                                                                   seed=seed), inference)
             labels["hd"].append(heal.label_maps["refined_labels"])
@@ -92,18 +96,18 @@ def main() -> None:
                                         inference)
         labels["gmm"] = [r.labels for r in results]
         swd.append((adaptation.swd_before, adaptation.swd_after))
-        for method in METHODS:
+        for method in methods:
             scores = [[dice(pred == v, case.labels.array == v) for v in (1, 2, 3)]
                       for pred, case in zip(labels[method], cases)]
             per_seed[method].append(float(np.mean(scores)))
             per_label[method].append(np.mean(scores, axis=0).tolist())
-        print(f"seed {seed}: " + "  ".join(f"{m} {per_seed[m][-1]:.3f}" for m in METHODS)
+        print(f"seed {seed}: " + "  ".join(f"{m} {per_seed[m][-1]:.3f}" for m in methods)
               + f"  (SWD {swd[-1][0]:.3f} -> {swd[-1][1]:.3f})", flush=True)
     print(f"\n{args.size}x{args.size} phantoms, gap {args.gap}, {args.seeds} seeds x {args.cases} cases; "
           f"HEAL n={args.candidates} DDIM-{args.steps}; GMM {args.gmm_iterations} it, lr {args.gmm_lr} "
           f"({train_seconds:.0f} s training)")
     print(f"{'method':8s} {'mean Dice':>10s} {'sd':>5s}   organ  vessel  lesion")
-    for method in METHODS:
+    for method in methods:
         by_label = np.mean(per_label[method], axis=0)
         print(f"{method:8s} {np.mean(per_seed[method]) * 100:10.1f} {np.std(per_seed[method]) * 100:5.1f}   "
               + "  ".join(f"{v * 100:5.1f}" for v in by_label))

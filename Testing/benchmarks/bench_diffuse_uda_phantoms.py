@@ -52,7 +52,7 @@ VARIANTS = ("source-only", "ascplus", "diffuse-uda", "no-fourier", "no-deform", 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shape", type=int, nargs=2, default=(48, 48), help="phantom size (y x)")
-    parser.add_argument("--gap", type=float, default=1.0, help="target domain gap in [0, 1]")
+    parser.add_argument("--gap", type=float, default=0.4, help="target domain gap in [0, 1]")
     parser.add_argument("--n-source", type=int, default=8, help="labelled source phantoms")
     parser.add_argument("--n-target", type=int, default=8, help="unlabelled target phantoms")
     parser.add_argument("--n-test", type=int, default=8, help="labelled held-out target phantoms")
