@@ -51,11 +51,9 @@ def segment(checkpoint: SourceCheckpoint, volume: Volume, config: InferenceConfi
         prepared = prepare_input(volume, checkpoint.input_spec)
     with timer.stage("inference"):
         net = model if model is not None else checkpoint.build_segmentation_net(device)
-        prediction = predict_indices(net, prepared.image, checkpoint.input_spec,
-                                     checkpoint.num_classes, config, device,
-                                     want_probabilities=output == "probabilities", progress=progress)
-        # predict_indices returns the indices alone when no probabilities are asked for
-        indices, probs = prediction if output == "probabilities" else (prediction, None)
+        indices, probs = predict_indices(net, prepared.image, checkpoint.input_spec,
+                                         checkpoint.num_classes, config, device,
+                                         want_probabilities=output == "probabilities", progress=progress)
     free_memory(device)
     with timer.stage("postprocess"):
         result = result_from_prediction("none", checkpoint, prepared, indices, probs)

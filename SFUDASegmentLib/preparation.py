@@ -153,8 +153,8 @@ def prepare_training_case(image: Volume, labels: Volume, classes: list[LabelClas
 def predict_indices(model: torch.nn.Module, image: np.ndarray, spec: InputSpec, num_classes: int,
                     config: InferenceConfig, device: torch.device, want_probabilities: bool = False,
                     progress: Optional[ProgressReporter] = None
-                    ) -> np.ndarray | tuple[np.ndarray, Optional[np.ndarray]]:
-    """Network-grid prediction: class indices ``(Z, Y, X)`` (and probabilities when asked).
+                    ) -> tuple[np.ndarray, Optional[np.ndarray]]:
+    """Network-grid prediction: class indices ``(Z, Y, X)`` and, when asked, probabilities.
 
     Args:
         model: segmentation network in eval mode on ``device``.
@@ -162,7 +162,7 @@ def predict_indices(model: torch.nn.Module, image: np.ndarray, spec: InputSpec, 
         want_probabilities: also return ``(K, Z, Y, X)`` probabilities (``config`` dtype).
 
     Returns:
-        Indices alone, or ``(indices, probabilities)`` when ``want_probabilities``.
+        ``(indices, probabilities)``; probabilities is None unless ``want_probabilities``.
     """
     if spec.dims == "3d":
         labels, probs = sliding_window_3d(model, image, spec.patch_size, num_classes, config, device,
@@ -170,5 +170,5 @@ def predict_indices(model: torch.nn.Module, image: np.ndarray, spec: InputSpec, 
     else:
         labels, probs = slicewise_2d(model, image, spec, num_classes, config, device,
                                      want_probabilities, progress)
-    return (labels, probs) if want_probabilities else labels
+    return labels, probs
 

@@ -85,7 +85,7 @@ def _validation_dice(model: ResidualUNet, cases: Sequence[TrainingCase], spec: I
     counts = np.zeros(num_classes - 1)
     model.eval()
     for case in cases:
-        pred = predict_indices(model, case.image, spec, num_classes, InferenceConfig(amp=True), device)
+        pred, _ = predict_indices(model, case.image, spec, num_classes, InferenceConfig(amp=True), device)
         for k in range(1, num_classes):
             p, r = pred == k, case.labels == k
             if r.sum() == 0 and p.sum() == 0:

@@ -191,7 +191,7 @@ def heal_adapt(volume: Volume, checkpoint: SourceCheckpoint, config: HEALConfig 
                 grey = grey[:, 0]
             selection = select_candidate(grey, denoised.refined, config, progress)
         with timer.stage("source_on_selected"):
-            selected_seg = predict_indices(model, candidates[selection.selected_index], spec, k,
+            selected_seg, _ = predict_indices(model, candidates[selection.selected_index], spec, k,
                                            inference, device)
         final = selected_seg
         if config.stages == "heal":

@@ -82,8 +82,8 @@ def evaluate(state: dict, seg_config, spec: InputSpec, tests, device: torch.devi
     per_class = {c.name: [] for c in PHANTOM_CLASSES}
     for phantom in tests:
         prepared = prepare_input(phantom.target, spec)
-        pred = predict_indices(model, prepared.image, spec, seg_config.out_channels,
-                               InferenceConfig(device=str(device)), device)
+        pred, _ = predict_indices(model, prepared.image, spec, seg_config.out_channels,
+                                  InferenceConfig(device=str(device)), device)
         pred = prepared.to_input_grid(pred, is_label=True)
         ref = values_to_indices(np.asarray(phantom.labels.array), PHANTOM_CLASSES)
         for k, c in enumerate(PHANTOM_CLASSES, start=1):
