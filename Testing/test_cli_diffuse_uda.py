@@ -20,7 +20,6 @@ import torch
 from SFUDASegmentLib.checkpoint import SourceCheckpoint
 from SFUDASegmentLib.cli import main
 from SFUDASegmentLib.diffuse_uda.synthesis import read_synthetic_dataset
-from SFUDASegmentLib.geometry import Volume
 from SFUDASegmentLib.io import read_image, write_image
 from SFUDASegmentLib.synthetic import PHANTOM_CLASSES, make_phantom_set
 
@@ -55,7 +54,7 @@ def files(tmp_path_factory, one_thread) -> dict:
     folder = tmp_path_factory.mktemp("phantoms")
     sources = make_phantom_set(N_SOURCE, (32, 32), 11, gap=0.8)
     targets = make_phantom_set(2, (32, 32), 12, gap=0.8)
-    out: dict = {"folder": folder, "phantoms": sources, "source_image": [], "source_label": [],
+    out: dict = {"folder": folder, "source_image": [], "source_label": [],
                  "target_image": []}
     for i, p in enumerate(sources):
         out["source_image"].append(str(write_image(p.source, folder / f"src{i}.nii.gz")))
