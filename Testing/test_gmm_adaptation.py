@@ -90,6 +90,26 @@ def test_fit_prototypes_means_and_counts_equal_a_direct_computation(tiny_full_mo
     assert card["methods"] == ["none", "heal", "gmm"]
 
 
+def test_classes_without_confident_voxels_fall_back_to_all_labelled_voxels(tiny_full_model):
+    """rho just below 1 leaves (almost) no confident voxel: those classes use every labelled voxel."""
+    checkpoint = replace(tiny_full_model.checkpoint, prototypes=None)
+    images, labels = tiny_full_model.train_images[:1], tiny_full_model.train_labels[:1]
+    fitted = fit_prototypes(checkpoint, images, labels, GMMConfig(rho=1.0 - 1e-9, max_samples_per_class=10**6),
+                            device="cpu", batch_size=1)
+    fallback = fitted.provenance["prototypes"]["fallback_classes"]
+    assert fallback, "rho ~ 1 must leave some class without confident voxels"
+    prototypes = ClassPrototypes.from_state(fitted.prototypes)
+    net = checkpoint.build_segmentation_net("cpu")
+    x = torch.from_numpy(prepare_input(images[0], checkpoint.input_spec).image[:, 0])[None]
+    with torch.no_grad():
+        z = net.embed(x)[0].numpy()
+    for c in fallback:
+        members = z[:, labels[0].array == c].T
+        assert prototypes.counts[c] == len(members)
+        np.testing.assert_allclose(prototypes.means[c].numpy(), members.mean(0), rtol=1e-4, atol=1e-5)
+    assert abs(float(prototypes.weights.sum()) - 1.0) < 1e-12
+
+
 def test_checkpoint_without_prototypes_names_fit_prototypes(tiny_full_model):
     bare = replace(tiny_full_model.checkpoint, prototypes=None)
     with pytest.raises(CheckpointError, match="sfuda fit-prototypes"):
