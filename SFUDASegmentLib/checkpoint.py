@@ -134,6 +134,9 @@ class SourceCheckpoint:
         os.close(fd)
         try:
             torch.save(payload, tmp)
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes the file private; a checkpoint is shared
             os.replace(tmp, path)
         finally:
             if os.path.exists(tmp):

@@ -253,3 +253,13 @@ def test_checkpoint_of_other_classes_loads_with_their_names(tmp_path):
     assert [(c.value, c.name) for c in loaded.classes] == [(1, "necrosis"), (2, "edema"), (4, "enhancing")]
     assert loaded.num_classes == 4
     assert isinstance(loaded.seg_config, SegNetConfig)
+
+
+def test_saved_checkpoint_follows_the_umask_not_mkstemp_private_mode(tmp_path):
+    checkpoint = untrained_checkpoint(InputSpec(dims="2d", patch_size=(32, 32)))
+    previous = os.umask(0o022)
+    try:
+        path = checkpoint.save(tmp_path / "shared.sfuda")
+    finally:
+        os.umask(previous)
+    assert path.stat().st_mode & 0o777 == 0o644
