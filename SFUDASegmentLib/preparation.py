@@ -130,6 +130,33 @@ def prepare_input(volume: Volume, spec: InputSpec, name: str = "image") -> Prepa
                          tuple(float(s) for s in spacing))
 
 
+def labels_on_network_grid(labels: Volume, classes: list[LabelClass], prepared: PreparedInput,
+                           name: str) -> np.ndarray:
+    """Label values -> class indices ``(Z, Y, X)`` on ``prepared``'s network grid (nearest).
+
+    Raises:
+        InputError: label values that are not 0 or a class value.
+    """
+    indices = values_to_indices(np.asarray(labels.array), classes, f"label map of {name}")
+    indices = indices[None] if indices.ndim == 2 else indices
+    if indices.shape != prepared.image.shape[1:]:
+        indices = resample_to_shape(indices, prepared.image.shape[1:], order=0)
+    return indices
+
+
+def pad_training_case(image: np.ndarray, labels: np.ndarray, foreground: np.ndarray, spec: InputSpec,
+                      name: str) -> TrainingCase:
+    """A training case padded at the far end to at least the patch size (the origin stays put).
+
+    Args:
+        image: ``(C, Z, Y, X)``; labels, foreground: ``(Z, Y, X)``.
+    """
+    patch = list(spec.patch_size) if spec.dims == "3d" else [1, *spec.patch_size[-2:]]
+    pads = [(0, max(0, p - s)) for p, s in zip(patch, labels.shape)]
+    return TrainingCase(np.pad(image, [(0, 0)] + pads, mode="edge"), np.pad(labels, pads).astype(np.int64),
+                        np.pad(foreground, pads), name)
+
+
 def prepare_training_case(image: Volume, labels: Volume, classes: list[LabelClass], spec: InputSpec,
                           name: str) -> TrainingCase:
     """A validated training case on the network grid, padded to at least the patch size.
@@ -139,15 +166,8 @@ def prepare_training_case(image: Volume, labels: Volume, classes: list[LabelClas
     """
     check_same_geometry(image, labels)
     prepared = prepare_input(image, spec, name)
-    indices = values_to_indices(np.asarray(labels.array), classes, f"label map of {name}")
-    indices = indices[None] if indices.ndim == 2 else indices
-    if indices.shape != prepared.image.shape[1:]:
-        indices = resample_to_shape(indices, prepared.image.shape[1:], order=0)
-    patch = list(spec.patch_size) if spec.dims == "3d" else [1, *spec.patch_size[-2:]]
-    pads = [(0, max(0, p - s)) for p, s in zip(patch, indices.shape)]
-    return TrainingCase(np.pad(prepared.image, [(0, 0)] + pads, mode="edge"),
-                        np.pad(indices, pads).astype(np.int64),
-                        np.pad(prepared.foreground, pads), name)
+    return pad_training_case(prepared.image, labels_on_network_grid(labels, classes, prepared, name),
+                             prepared.foreground, spec, name)
 
 
 def predict_indices(model: torch.nn.Module, image: np.ndarray, spec: InputSpec, num_classes: int,

@@ -52,8 +52,8 @@ from ..geometry import Geometry, Volume
 from ..io import check_same_geometry
 from ..labels import values_to_indices
 from ..patch_sampler import TrainingCase
-from ..preparation import PreparedInput, prepare_input
-from ..preprocess import resample_to_shape, resampled_geometry
+from ..preparation import PreparedInput, labels_on_network_grid, pad_training_case, prepare_input
+from ..preprocess import resampled_geometry
 from ..progress import ProgressReporter, report
 from ..training import default_diffusion_config, default_seg_config, train_segmentation
 from .ascplus import ASCPlusConfig, train_ascplus
@@ -170,32 +170,21 @@ def _network_geometry(volume: Volume, prepared: PreparedInput) -> Geometry:
     return resampled_geometry(volume.geometry, prepared.volume_shape[-n:], grid_shape[-n:])
 
 
-def _pad_case(image: np.ndarray, labels: np.ndarray, foreground: np.ndarray, spec: InputSpec,
-              name: str) -> TrainingCase:
-    """Pad at the far end to at least the patch size (as ``prepare_training_case`` does)."""
-    patch = list(spec.patch_size) if spec.dims == "3d" else [1, *spec.patch_size[-2:]]
-    pads = [(0, max(0, p - s)) for p, s in zip(patch, labels.shape)]
-    return TrainingCase(np.pad(image, [(0, 0)] + pads, mode="edge"), np.pad(labels, pads).astype(np.int64),
-                        np.pad(foreground, pads), name)
-
-
 def _source_case(image: Volume, labels: Volume, classes: list[LabelClass], spec: InputSpec,
                  name: str) -> _Case:
     """Like ``prepare_training_case``, keeping the network grid's geometry."""
     check_same_geometry(image, labels)
     prepared = prepare_input(image, spec, name)
-    indices = values_to_indices(np.asarray(labels.array), classes, f"label map of {name}")
-    indices = indices[None] if indices.ndim == 2 else indices
-    if indices.shape != prepared.image.shape[1:]:
-        indices = resample_to_shape(indices, prepared.image.shape[1:], order=0)
-    case = _pad_case(prepared.image, indices, prepared.foreground, spec, name)
+    case = pad_training_case(prepared.image, labels_on_network_grid(labels, classes, prepared, name),
+                             prepared.foreground, spec, name)
     return _Case(case, _network_geometry(image, prepared))
 
 
 def _target_case(image: Volume, spec: InputSpec, name: str) -> _Case:
     """A target case whose ``labels`` are the body mask (class 1), to centre patches in the body."""
     prepared = prepare_input(image, spec, name)
-    case = _pad_case(prepared.image, prepared.foreground.astype(np.int64), prepared.foreground, spec, name)
+    case = pad_training_case(prepared.image, prepared.foreground.astype(np.int64), prepared.foreground, spec,
+                             name)
     return _Case(case, _network_geometry(image, prepared))
 
 
