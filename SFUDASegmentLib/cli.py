@@ -185,7 +185,7 @@ def cmd_adapt(args: argparse.Namespace, progress: Optional[ProgressReporter]) ->
         from .gmm.adaptation import adapted_checkpoint
 
         config = GMMConfig(iterations=args.iterations, lam=args.lam, lr=args.lr, seed=args.seed,
-                           freeze_classifier=args.freeze_classifier)
+                           freeze_classifier=args.freeze_classifier, class_proportions=args.class_proportions)
         results, adaptation = gmm_adapt(volumes, checkpoint, config, inference, progress)
         if args.save_adapted:
             adapted_checkpoint(checkpoint, adaptation, config, list(args.image)).save(args.save_adapted)
@@ -410,6 +410,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--lambda", dest="lam", type=float, default=0.5, help="weight of the SWD term")
     g.add_argument("--lr", type=float, default=5e-5)
     g.add_argument("--freeze-classifier", action="store_true")
+    g.add_argument("--class-proportions", choices=("source", "pseudo"), default="source",
+                   help="prototype samples per class: source priors (default) or the target's confident "
+                        "pseudo-label shares")
     g.add_argument("--save-adapted", help="also write the adapted model as a new checkpoint")
     device_arg(p)
     p.set_defaults(func=cmd_adapt)

@@ -66,15 +66,32 @@ def default_diffusion_config(spec: InputSpec, num_classes: int, base_channels: i
                               groups=min(32, base_channels // 2 or 1))
 
 
-def _split_cases(cases: list[TrainingCase], val_fraction: float, rng: np.random.Generator
-                 ) -> tuple[list[TrainingCase], list[TrainingCase]]:
-    """Hold out ``val_fraction`` of the cases (at least one when there are two or more)."""
-    if len(cases) < 2 or val_fraction <= 0:
-        return cases, cases
-    order = rng.permutation(len(cases))
-    n_val = min(len(cases) - 1, max(1, int(round(len(cases) * val_fraction))))
-    val = [cases[i] for i in order[:n_val]]
-    train = [cases[i] for i in order[n_val:]]
+def _split_cases(cases: list[TrainingCase], val_fraction: float, rng: np.random.Generator,
+                 eligible: Optional[Sequence[bool]] = None) -> tuple[list[TrainingCase], list[TrainingCase]]:
+    """Hold out ``val_fraction`` of the eligible cases (at least one when two or more are eligible).
+
+    Args:
+        cases: all training cases.
+        val_fraction: share of the eligible cases held out.
+        rng: generator of the split.
+        eligible: per case, whether it may be held out for validation (e.g. only real labelled
+            scans, not synthetic ones); None: every case. With fewer than two eligible cases,
+            nothing is held out and the eligible cases (all cases when none is eligible) are
+            validated on while they stay in the training set.
+
+    Returns:
+        ``(train, validation)`` case lists.
+    """
+    flags = [True] * len(cases) if eligible is None else [bool(e) for e in eligible]
+    if len(flags) != len(cases):
+        raise InputError(f"{len(flags)} validation flags for {len(cases)} training cases.")
+    pool = [i for i, ok in enumerate(flags) if ok]
+    if len(pool) < 2 or val_fraction <= 0:
+        return cases, ([cases[i] for i in pool] or cases)
+    n_val = min(len(pool) - 1, max(1, int(round(len(pool) * val_fraction))))
+    held = {pool[i] for i in rng.permutation(len(pool))[:n_val]}
+    val = [cases[i] for i in sorted(held)]
+    train = [c for i, c in enumerate(cases) if i not in held]
     return train, val
 
 
@@ -113,7 +130,7 @@ def _make_optimizer(model: torch.nn.Module, config: TrainingConfig) -> torch.opt
 
 def train_segmentation(cases: list[TrainingCase], spec: InputSpec, seg_config: SegNetConfig,
                        config: TrainingConfig, progress: Optional[ProgressReporter] = None,
-                       resume_path: Optional[Path] = None
+                       resume_path: Optional[Path] = None, validation_eligible: Optional[Sequence[bool]] = None
                        ) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]], int, float, list[str]]:
     """Train the segmentation network on preprocessed cases.
 
@@ -124,6 +141,8 @@ def train_segmentation(cases: list[TrainingCase], spec: InputSpec, seg_config: S
         config: optimisation settings.
         progress: progress/cancel reporter (stage ``"training"``).
         resume_path: a training-state file: loaded when it exists, rewritten after every epoch.
+        validation_eligible: per case, whether it may be held out for validation (None: all);
+            see :func:`_split_cases`.
 
     Returns:
         ``(best_state_dict, history, best_epoch, best_val_dice, validation_case_names)``.
@@ -133,7 +152,7 @@ def train_segmentation(cases: list[TrainingCase], spec: InputSpec, seg_config: S
         torch.set_num_threads(config.num_threads)
     torch.manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
-    train_cases, val_cases = _split_cases(cases, config.val_fraction, rng)
+    train_cases, val_cases = _split_cases(cases, config.val_fraction, rng, validation_eligible)
     model = ResidualUNet.from_config(seg_config).to(device).train()
     optimizer = _make_optimizer(model, config)
     use_amp = config.amp and device.type == "cuda"

@@ -20,7 +20,7 @@ from SFUDASegmentLib.checkpoint import SourceCheckpoint
 from SFUDASegmentLib.config import GMMConfig, InferenceConfig
 from SFUDASegmentLib.errors import CheckpointError, InputError
 from SFUDASegmentLib.gmm import adaptation
-from SFUDASegmentLib.gmm.adaptation import adapt_model, adapted_checkpoint, embedding_pca, gmm_adapt
+from SFUDASegmentLib.gmm.adaptation import adapt_model, adapted_checkpoint, embedding_pca, floored_proportions, gmm_adapt
 from SFUDASegmentLib.gmm.fitting import fit_prototypes
 from SFUDASegmentLib.gmm.plots import render_embedding_plot, write_embedding_plot
 from SFUDASegmentLib.gmm.prototypes import ClassPrototypes
@@ -73,6 +73,10 @@ def test_fit_prototypes_means_and_counts_equal_a_direct_computation(tiny_full_mo
     rows = {c: np.concatenate(v) for c, v in selected.items()}
     assert prototypes.class_indices == (0, 1, 2)
     assert list(prototypes.counts) == [len(rows[c]) for c in (0, 1, 2)]
+    # the source class priors count every labelled voxel, confident or not
+    label_counts = np.bincount(np.concatenate([l.array.ravel() for l in labels]), minlength=3)
+    assert list(prototypes.label_counts) == label_counts.tolist()
+    np.testing.assert_allclose(prototypes.label_shares, label_counts / label_counts.sum(), rtol=1e-12)
     total = sum(len(r) for r in rows.values())
     np.testing.assert_allclose(prototypes.weights.numpy(), [len(rows[c]) / total for c in (0, 1, 2)], rtol=1e-12)
     for c in (0, 1, 2):
@@ -145,6 +149,7 @@ def test_prototypes_that_do_not_fit_the_network(tiny_full_model, tmp_path, dim, 
     ({"iterations": -3}, ["got -3"]),
     ({"class_proportions": "truth"}, ["class_proportions", "truth"]),
     ({"lr": 0.0}, ["learning rate"]),
+    ({"min_class_share": 0.5}, ["min_class_share", "0.5"]),
 ])
 def test_bad_settings_are_input_errors(tiny_full_model, change, words):
     with pytest.raises(InputError) as error:
@@ -154,6 +159,16 @@ def test_bad_settings_are_input_errors(tiny_full_model, change, words):
 
 
 # --------------------------------------------------------------------------- adaptation
+
+
+def test_floored_proportions_by_hand():
+    # glioma-like source priors: tumour classes are ~1e-4 of the confident voxels
+    shares = [0.9991, 0.0004, 0.0004, 0.0001]
+    total = 0.9991 + 3 * 0.01
+    np.testing.assert_allclose(floored_proportions(shares, 0.01), [0.9991 / total] + [0.01 / total] * 3,
+                               rtol=1e-12)
+    assert floored_proportions([0.5, 0.25, 0.25], 0.01) == [0.5, 0.25, 0.25]
+    assert floored_proportions([1.0, 0.0], 0.0) == [1.0, 0.0]
 
 
 def test_adaptation_lowers_the_swd_to_the_prototypes(tiny_full_model):
@@ -245,21 +260,23 @@ def test_class_proportions_come_from_confident_predictions_never_from_labels(tin
         assert not [p for p in inspect.signature(function).parameters if "label" in p.lower()]
     images = [image for image, _ in tiny_full_model.held_out[:2]]
     targets = [prepare_input(v, checkpoint.input_spec) for v in images]
-    record = adapt_model(checkpoint, targets, replace(FAST, iterations=1), torch.device("cpu"))
+    record = adapt_model(checkpoint, targets, replace(FAST, iterations=1, class_proportions="pseudo"),
+                         torch.device("cpu"))
     counts = np.zeros(3)
     for probs in source_probabilities(checkpoint, images):
         half = probs.astype(np.float16)  # the library keeps probabilities in float16
         confident = half.max(0) > FAST.pseudo_confidence
         counts += np.bincount(half.argmax(0)[confident], minlength=3)
-    shares = np.maximum(counts / counts.sum(), 0.01)
+    shares = np.maximum(counts / counts.sum(), FAST.min_class_share)
     np.testing.assert_allclose(record.proportions, shares / shares.sum(), rtol=1e-12)
     truth = np.bincount(np.concatenate([l.array.ravel() for _, l in tiny_full_model.held_out[:2]]), minlength=3)
     assert not np.allclose(record.proportions, truth / truth.sum(), atol=1e-3)
 
-    source = adapt_model(checkpoint, targets, replace(FAST, iterations=1, class_proportions="source"),
-                         torch.device("cpu"))
-    weights = ClassPrototypes.from_state(checkpoint.prototypes).weights.tolist()
-    assert source.proportions == weights
+    assert GMMConfig().class_proportions == "source"
+    source = adapt_model(checkpoint, targets, replace(FAST, iterations=1), torch.device("cpu"))
+    prototypes = ClassPrototypes.from_state(checkpoint.prototypes)
+    assert prototypes.label_shares is not None  # recorded at fit time: the source class priors
+    assert source.proportions == floored_proportions(prototypes.label_shares, FAST.min_class_share)
 
 
 def test_several_targets_give_one_result_each_and_the_checkpoint_is_unchanged(tiny_full_model):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -211,6 +212,13 @@ def test_state_round_trip_is_exact_through_weights_only_load():
     assert restored.class_indices == protos.class_indices and restored.counts == protos.counts
     assert (restored.rho, restored.embedding_layer, restored.embedding_dim, restored.shrinkage) == \
         (protos.rho, protos.embedding_layer, protos.embedding_dim, protos.shrinkage)
+    assert restored.label_counts is None  # prototypes written before label counts were recorded
+    with_priors = replace(protos, label_counts=(90, 8, 2))
+    buffer = io.BytesIO()
+    torch.save(with_priors.to_state(), buffer)
+    buffer.seek(0)
+    restored = ClassPrototypes.from_state(torch.load(buffer, weights_only=True))
+    assert restored.label_counts == (90, 8, 2) and restored.label_shares == [0.9, 0.08, 0.02]
 
 
 def broken(change) -> dict:
@@ -230,6 +238,8 @@ def broken(change) -> dict:
     (lambda s: s.__setitem__("class_indices", [0]), r"weights have shape|means have shape"),
     (lambda s: s.__setitem__("embedding_dim", "three"), "mistyped"),
     (lambda s: s.__setitem__("version", 99), "version 99"),
+    (lambda s: s.__setitem__("label_counts", [5]), "label counts"),
+    (lambda s: s.__setitem__("label_counts", [0, 0]), "positive sum"),
 ])
 def test_from_state_rejects_invalid(change, message):
     with pytest.raises(CheckpointError, match=message) as info:

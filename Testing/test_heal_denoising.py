@@ -12,7 +12,8 @@ from SFUDASegmentLib.config import HEALConfig
 from SFUDASegmentLib.errors import InputError
 from SFUDASegmentLib.heal.denoising import (
     DenoiseResult, entropy_refine, hierarchical_denoise, minmax_normalize, neighbourhood_size,
-    nig_parameters, nig_refine, nig_variance, pseudo_labels, regional_entropy, voxel_entropy)
+    nig_parameters, nig_refine, nig_variance, pseudo_labels, regional_entropy, regional_entropy_ceiling,
+    voxel_entropy)
 from SFUDASegmentLib.progress import ProgressReporter
 
 # --------------------------------------------------------------------------------------------
@@ -69,6 +70,8 @@ def ref_pipeline(probs: np.ndarray, cfg: HEALConfig, base: str = "entropy") -> d
         e = ref_mean_regional(h)
     else:
         e = ref_histogram_regional(yent, k)
+    if cfg.normalize_regional:  # largest possible E: log_base K (mean), log2 min(K, 10) bins
+        e = e / (math.log(k, cfg.entropy_base) if cfg.regional_entropy == "mean" else math.log2(min(k, 10)))
     alpha = np.zeros(spatial)
     beta = np.zeros(spatial)
     omega = np.zeros(spatial)
@@ -279,13 +282,43 @@ def test_nig_parameters_by_hand():
         nig_parameters(pseudo, y_ent, e, HEALConfig(alpha_floor=1.0))
 
 
+def test_regional_entropy_ceiling_by_hand():
+    assert regional_entropy_ceiling("mean", 2) == 1.0  # binary tasks: E unchanged
+    assert regional_entropy_ceiling("histogram", 2) == 1.0
+    np.testing.assert_allclose(regional_entropy_ceiling("mean", 4), 2.0)
+    np.testing.assert_allclose(regional_entropy_ceiling("mean", 4, math.e), math.log(4))
+    np.testing.assert_allclose(regional_entropy_ceiling("histogram", 30), math.log2(10))
+    with pytest.raises(InputError, match="mode"):
+        regional_entropy_ceiling("median", 3)
+
+
+def test_normalised_regional_entropy_keeps_confident_voxels_of_a_four_class_map():
+    """A 4-class map with a maximally uncertain patch (E = 2 bits there): unnormalised, beta and
+    the variance turn negative in that patch, the min-max normalisation lifts every confident
+    voxel above tau2 and Y* loses the confident structures; normalised, they stay."""
+    probs = np.zeros((4, 12, 12))
+    probs[0] = 1.0
+    probs[:, :, 6:] = 0.0
+    probs[1, :, 6:] = 1.0                # confident class 1 on the right half
+    probs[:, 4:8, 0:3] = 0.25            # uniform over the 4 classes: H = 2 bits
+    probs[:, 0:2, 3:9] = [[[0.5]], [[0.5]], [[0.0]], [[0.0]]]  # H = 1 bit: E peaks near 0.5
+    probs = (probs * 0.999 + 0.001 / 4)
+    raw = hierarchical_denoise(probs, HEALConfig(normalize_regional=False))
+    normalised = hierarchical_denoise(probs, HEALConfig())
+    assert raw.variance.min() < 0 and normalised.variance.min() > 0
+    interior = (slice(8, 12), slice(9, 12))  # confident class 1, far from every uncertain voxel
+    assert np.all(raw.refined[interior] == 0)
+    assert np.all(normalised.refined[interior] == 1)
+    assert normalised.regional.max() <= 1.0 + 1e-6
+
+
 def test_anisotropic_spacing_uses_in_slice_window():
     assert neighbourhood_size(3, None) == (3, 3, 3)
     assert neighbourhood_size(3, (5.0, 0.8, 0.8)) == (1, 3, 3)
     assert neighbourhood_size(3, (2.0, 1.0, 1.0)) == (3, 3, 3)
     result = hierarchical_denoise(PROBS_3D, HEALConfig(), spacing=(6.0, 1.0, 1.0))
     assert result.window == (1, 3, 3)
-    per_slice = np.stack([ref_mean_regional(s) for s in result.entropy])
+    per_slice = np.stack([ref_mean_regional(s) for s in result.entropy]) / math.log2(3)
     np.testing.assert_allclose(result.regional, per_slice, atol=1e-6)
     with pytest.raises(InputError, match="Spacing"):
         hierarchical_denoise(PROBS_3D, HEALConfig(), spacing=(1.0, 1.0))

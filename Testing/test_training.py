@@ -16,7 +16,8 @@ from SFUDASegmentLib.inference import segment
 from SFUDASegmentLib.io import read_image, write_image
 from SFUDASegmentLib.progress import ProgressEvent, ProgressReporter
 from SFUDASegmentLib.synthetic import PHANTOM_CLASSES, Phantom, make_phantom_set
-from SFUDASegmentLib.training import TrainingOutcome, default_seg_config, train_source
+from SFUDASegmentLib.patch_sampler import TrainingCase
+from SFUDASegmentLib.training import TrainingOutcome, _split_cases, default_seg_config, train_source
 from tiny_models import TINY_GAP, dice, single_thread, tiny_model  # noqa: F401
 
 CLASSES = list(PHANTOM_CLASSES)
@@ -207,3 +208,23 @@ def test_mismatched_image_and_label_lists_are_refused(small_cases):
 
 def test_saved_checkpoint_path_is_a_real_file(tiny_model):
     assert Path(tiny_model.path).stat().st_size > 10_000
+
+
+def test_validation_is_held_out_only_from_eligible_cases():
+    """Diffuse-UDA's retraining must not validate on synthetic pairs (whose labels are what is
+    being tested): only eligible cases are held out, and with fewer than two eligible cases
+    they are validated on while they stay in training."""
+    cases = [TrainingCase(np.zeros((1, 1, 4, 4), np.float32), np.zeros((1, 4, 4), np.int64),
+                          np.ones((1, 4, 4), bool), f"c{i}")
+             for i in range(10)]
+    real = [i < 4 for i in range(10)]
+    train, val = _split_cases(cases, 0.5, np.random.default_rng(0), real)
+    assert len(val) == 2 and all(c.name in {"c0", "c1", "c2", "c3"} for c in val)
+    assert sorted(c.name for c in train + val) == sorted(c.name for c in cases)
+    one_real = [i == 7 for i in range(10)]
+    train, val = _split_cases(cases, 0.5, np.random.default_rng(0), one_real)
+    assert train == cases and [c.name for c in val] == ["c7"]
+    train, val = _split_cases(cases, 0.2, np.random.default_rng(0))
+    assert len(val) == 2 and len(train) == 8
+    with pytest.raises(InputError, match="validation flags"):
+        _split_cases(cases, 0.2, np.random.default_rng(0), [True])

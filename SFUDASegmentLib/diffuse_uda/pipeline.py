@@ -510,7 +510,7 @@ def run_diffuse_uda(source_images: Sequence[Volume], source_labels: Sequence[Vol
     per_epoch = max(1, math.ceil(config.retrain_iterations / epochs))
     train_config = TrainingConfig(epochs=epochs, iterations_per_epoch=per_epoch, batch_size=config.batch_size, lr=config.lr, val_fraction=config.val_fraction,
                                   amp=config.amp, seed=config.seed, device=config.device)
-    re_key = _digest(asc_key, syn_key, config.fourier, config.restyled_copies,
+    re_key = _digest(asc_key, syn_key, config.fourier, config.restyled_copies, "validation: source cases",
                      {k: v for k, v in to_dict(train_config).items() if k not in ("amp", "device")})
     final_name = f"diffuse_uda-{re_key}.sfuda"
     final_path = store.path(final_name)
@@ -526,9 +526,11 @@ def run_diffuse_uda(source_images: Sequence[Volume], source_labels: Sequence[Vol
             if config.fourier and config.restyled_copies > 0:
                 cases += _restyled_cases([c.case for c in source], [c.case for c in target], spec,
                                          config.restyled_copies, np.random.default_rng([config.seed, 5]))
+            # only real labelled scans validate: the synthetic labels are what is being tested
+            real = [True] * len(source) + [False] * (len(cases) - len(source))
             state, history, best_epoch, best_score, val_names = train_segmentation(
                 cases, spec, seg_config, train_config, progress,
-                store.path(f"retrain-{re_key}.state"))
+                store.path(f"retrain-{re_key}.state"), validation_eligible=real)
             provenance = {
                 "method": "diffuse-uda",
                 "data": f"{len(source)} labelled source case(s), {len(target)} unlabelled target case(s)",

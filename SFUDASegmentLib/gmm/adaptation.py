@@ -3,8 +3,10 @@ class Gaussians with the sliced Wasserstein distance, then segment.
 
 Loss per iteration: ``CE(classifier(z_s), y_s) + lambda * SWD(z_t, z_s)`` where ``(z_s, y_s)``
 are drawn from the prototypes and ``z_t`` are embeddings of target voxels. The number of
-samples per class follows the target's confident pseudo-label proportions (or the source
-priors) - never any ground truth (the public code's label leak is not copied).
+samples per class follows the source class priors (the shares of all labelled source voxels,
+recorded with the prototypes; default) or the target's confident pseudo-label proportions,
+each floored at ``min_class_share`` - never any ground truth (the public code's label leak is
+not copied).
 """
 
 from __future__ import annotations
@@ -101,6 +103,9 @@ def check_gmm_config(config: GMMConfig) -> None:
         raise InputError(f"class_proportions must be one of {PROPORTIONS}, got '{config.class_proportions}'.")
     if config.lam < 0 or config.lr <= 0 or config.projections < 1:
         raise InputError("lambda must be >= 0, the learning rate > 0 and projections >= 1.")
+    if not 0.0 <= config.min_class_share < 0.5:
+        raise InputError(f"min_class_share must be in [0, 0.5) (a share of the prototype samples), got "
+                         f"{config.min_class_share}. The default is 0.001.")
 
 
 def load_prototypes(checkpoint: SourceCheckpoint, embedding_dim: int) -> ClassPrototypes:
@@ -111,9 +116,10 @@ def load_prototypes(checkpoint: SourceCheckpoint, embedding_dim: int) -> ClassPr
     return prototypes
 
 
-def _pseudo_proportions(model: torch.nn.Module, targets: Sequence[PreparedInput], checkpoint: SourceCheckpoint,
-                        prototypes: ClassPrototypes, confidence: float, device: torch.device) -> list[float]:
-    """Class shares among the target voxels the source model predicts with ``> confidence``."""
+def _pseudo_shares(model: torch.nn.Module, targets: Sequence[PreparedInput], checkpoint: SourceCheckpoint,
+                   prototypes: ClassPrototypes, confidence: float, device: torch.device) -> Optional[np.ndarray]:
+    """Class shares ``(K,)`` (prototype order) among the target voxels the source model predicts
+    with ``> confidence``; None when no voxel is that confident."""
     counts = np.zeros(checkpoint.num_classes)
     for prepared in targets:
         _, probs = predict_indices(model, prepared.image, checkpoint.input_spec, checkpoint.num_classes,
@@ -122,11 +128,24 @@ def _pseudo_proportions(model: torch.nn.Module, targets: Sequence[PreparedInput]
         arg = probs.argmax(0)
         counts += np.bincount(arg[top > confidence].ravel(), minlength=checkpoint.num_classes)
     shares = np.array([counts[c] for c in prototypes.class_indices], dtype=np.float64)
-    if shares.sum() <= 0:
-        return [float(w) for w in prototypes.weights]
-    # keep every class represented so its Gaussian still anchors the classifier
-    shares = np.maximum(shares / shares.sum(), 0.01)
-    return [float(s) for s in shares / shares.sum()]
+    return shares / shares.sum() if shares.sum() > 0 else None
+
+
+def floored_proportions(shares: Sequence[float], floor: float) -> list[float]:
+    """``shares`` with every entry raised to at least ``floor``, renormalised to sum to 1.
+
+    Every class keeps enough prototype samples for its Gaussian to anchor the classifier, even
+    when its share is tiny (e.g. tumour classes among confident source voxels, about 1e-4).
+
+    Args:
+        shares: ``(K,)`` non-negative values summing to 1.
+        floor: minimum share before renormalisation, in ``[0, 1 / K]``.
+
+    Returns:
+        ``K`` proportions summing to 1.
+    """
+    raised = np.maximum(np.asarray(shares, dtype=np.float64), floor)
+    return [float(s) for s in raised / raised.sum()]
 
 
 def _target_embeddings(model: torch.nn.Module, targets: Sequence[PreparedInput], spec, batch: int,
@@ -161,8 +180,11 @@ def adapt_model(checkpoint: SourceCheckpoint, targets: Sequence[PreparedInput], 
     model = checkpoint.build_segmentation_net(device)
     prototypes = load_prototypes(checkpoint, model.embedding_dim)
     spec = checkpoint.input_spec
-    proportions = (_pseudo_proportions(model, targets, checkpoint, prototypes, config.pseudo_confidence, device)
-                   if config.class_proportions == "pseudo" else [float(w) for w in prototypes.weights])
+    shares = (_pseudo_shares(model, targets, checkpoint, prototypes, config.pseudo_confidence, device)
+              if config.class_proportions == "pseudo" else None)
+    if shares is None:  # source priors: label shares when recorded, else the mixture weights
+        shares = prototypes.label_shares or prototypes.weights.tolist()
+    proportions = floored_proportions(shares, config.min_class_share)
     counts = prototypes.allocate(config.prototype_samples, proportions)
 
     eval_rng = np.random.default_rng(config.seed + 1)

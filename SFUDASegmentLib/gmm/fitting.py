@@ -58,6 +58,8 @@ def fit_prototypes(checkpoint: SourceCheckpoint, images: Sequence[Volume], label
     fallback = [c for c, n in enumerate(accumulator.selected_counts) if n < 2]
     prototypes = accumulator.finalize(config.shrinkage) if not fallback else _with_fallback(
         accumulator, labelled, fallback, config, model.embedding_dim)
+    prototypes = replace(prototypes, label_counts=tuple(int(n) for n in labelled.selected_counts))
+    prototypes.validate()
     provenance = dict(checkpoint.provenance)
     provenance["prototypes"] = {"cases": len(images), "rho": config.rho, "fallback_classes": fallback,
                                 "selected_voxels": list(prototypes.counts), "config": to_dict(config)}

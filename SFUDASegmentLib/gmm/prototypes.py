@@ -44,6 +44,11 @@ class ClassPrototypes:
         embedding_dim: D.
         shrinkage: the covariance shrinkage used when fitting (see
             :meth:`PrototypeAccumulator.finalize`).
+        label_counts: voxels per class in the source label maps (all labelled voxels, not only
+            the confident ones), length K; None for prototypes fitted before it was recorded.
+            Their shares are the source class priors: the confident-voxel ``weights``
+            under-count hard classes (tumour classes: about 1e-4 of the confident voxels of a
+            glioma scan, about 1e-2 of its labels).
     """
 
     means: torch.Tensor
@@ -55,6 +60,15 @@ class ClassPrototypes:
     embedding_layer: str
     embedding_dim: int
     shrinkage: float = 0.0
+    label_counts: Optional[tuple[int, ...]] = None
+
+    @property
+    def label_shares(self) -> Optional[list[float]]:
+        """``(K,)`` class shares of the source labels (``label_counts`` normalised), or None."""
+        if self.label_counts is None:
+            return None
+        total = float(sum(self.label_counts))
+        return [n / total for n in self.label_counts]
 
     @property
     def num_components(self) -> int:
@@ -95,6 +109,9 @@ class ClassPrototypes:
             fail(f"class indices {list(self.class_indices)} must be distinct and >= 0")
         if any(int(n) < 0 for n in self.counts):
             fail(f"counts {list(self.counts)} must be >= 0")
+        if self.label_counts is not None and (len(self.label_counts) != k or any(int(n) < 0 for n in self.label_counts)
+                                              or sum(self.label_counts) <= 0):
+            fail(f"label counts {list(self.label_counts)} must be {k} values >= 0 with a positive sum")
         if not 0.0 <= float(self.rho) <= 1.0:
             fail(f"rho = {self.rho} is outside [0, 1]")
         for name in ("means", "covariances", "weights"):
@@ -127,6 +144,7 @@ class ClassPrototypes:
             "embedding_layer": str(self.embedding_layer),
             "embedding_dim": int(self.embedding_dim),
             "shrinkage": float(self.shrinkage),
+            **({} if self.label_counts is None else {"label_counts": [int(n) for n in self.label_counts]}),
         }
 
     @classmethod
@@ -158,7 +176,9 @@ class ClassPrototypes:
                 counts=tuple(_as_int(n) for n in state["counts"]),
                 rho=float(state["rho"]), embedding_layer=str(state["embedding_layer"]),
                 embedding_dim=_as_int(state["embedding_dim"]),
-                shrinkage=float(state.get("shrinkage", 0.0)))
+                shrinkage=float(state.get("shrinkage", 0.0)),
+                label_counts=(None if state.get("label_counts") is None
+                              else tuple(_as_int(n) for n in state["label_counts"])))
         except (TypeError, ValueError) as error:
             raise CheckpointError(f"The stored prototypes have a mistyped entry ({error}). "
                                   f"{REFIT_HINT}") from error
@@ -254,6 +274,7 @@ class ClassPrototypes:
                 "class_index": int(c),
                 "weight": float(self.weights[k]),
                 "selected_voxels": int(self.counts[k]),
+                "label_share": None if self.label_shares is None else self.label_shares[k],
                 "mean_norm": float(self.means[k].norm()),
                 "covariance_trace": float(torch.trace(cov)),
                 "covariance_condition": float(eigenvalues[-1] / eigenvalues[0]),

@@ -6,7 +6,8 @@ Notation (HEAL paper; see the project's RESEARCH notes):
 - ``Y_T = argmax_c P``: pseudo-labels (class indices ``0..C-1``, 0 = background).
 - ``H``: voxel entropy of ``P``; ``Y_ent``: ``Y_T`` with voxels of ``H > tau1`` set to 0.
 - ``E``: regional entropy (mean of ``H`` over the 3x3(x3) window, or the public code's
-  histogram variant).
+  histogram variant), divided by its largest possible value so that it lies in [0, 1]
+  (``HEALConfig.normalize_regional``; no change for binary tasks).
 - ``alpha, beta, omega``: Normal-Inverse-Gamma parameters per voxel; ``Var``: its epistemic
   variance, min-max normalised; ``Y*``: voxels of normalised ``Var > tau2`` set to 0.
 
@@ -45,7 +46,8 @@ class DenoiseResult:
         pseudo: ``Y_T``, argmax class indices (uint8, or int32 for more than 256 classes).
         entropy: ``H``, voxel entropy in ``HEALConfig.entropy_base`` units, float32.
         y_ent: ``Y_ent``, entropy-refined labels (dtype of ``pseudo``).
-        regional: ``E``, regional entropy, float32.
+        regional: ``E``, regional entropy, float32 (normalised to [0, 1] when
+            ``HEALConfig.normalize_regional``).
         alpha, beta, omega: NIG parameters, float32.
         variance: raw NIG variance ``beta / (omega * (alpha - 1))``, float32.
         variance_normalized: ``variance`` min-max scaled to ``[0, 1]``, float32.
@@ -282,6 +284,30 @@ def regional_entropy(entropy: Optional[np.ndarray], mode: str = "mean",
     return result
 
 
+def regional_entropy_ceiling(mode: str, num_classes: int, base: float = 2.0) -> float:
+    """Largest value the regional entropy can take with ``num_classes`` classes (``K``).
+
+    ``"mean"``: the mean of voxel entropies is at most ``log_base K``. ``"histogram"``: the
+    entropy (log2) of the bin shares is at most ``log2`` of the number of bins that can be
+    occupied, ``min(K, HISTOGRAM_BINS)``. Both are 1 for a binary task with ``base = 2``.
+
+    Args:
+        mode: ``"mean"`` or ``"histogram"``.
+        num_classes: K, background included (>= 2).
+        base: logarithm base of the voxel entropy (``"mean"`` only).
+
+    Returns:
+        The ceiling, > 0.
+    """
+    if mode not in REGIONAL_MODES:
+        raise InputError(f"Unknown regional entropy mode '{mode}'; use one of {REGIONAL_MODES}.")
+    if num_classes < 2:
+        raise InputError(f"num_classes counts the background too and must be >= 2; got {num_classes}.")
+    if mode == "mean":
+        return float(np.log(num_classes) / np.log(base))
+    return float(np.log2(min(num_classes, HISTOGRAM_BINS)))
+
+
 def nig_parameters(pseudo: np.ndarray, y_ent: np.ndarray, regional: np.ndarray,
                    config: HEALConfig, dtype: type = np.float32
                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -294,8 +320,8 @@ def nig_parameters(pseudo: np.ndarray, y_ent: np.ndarray, regional: np.ndarray,
     code (binary masks there, so 0 or 1); for multi-class maps a removed voxel of class k
     contributes k. With the code's constants (kappa 0.1, eps 1e-3, floor 1.01) alpha is 1.01
     everywhere for up to 10 classes. The formulas assume ``E`` in [0, 1]: ``beta`` turns
-    negative where ``E > 1 + zeta2 / zeta1`` (possible for more than two classes), and the
-    variance with it.
+    negative where ``E > 1 + zeta2 / zeta1`` (possible for more than two classes unless ``E``
+    is normalised, see :func:`regional_entropy_ceiling`), and the variance with it.
 
     Args:
         pseudo: ``(*S)`` ``Y_T`` class indices.
@@ -415,8 +441,9 @@ def hierarchical_denoise(probs: np.ndarray, config: HEALConfig,
                          progress: Optional[ProgressReporter] = None) -> DenoiseResult:
     """HEAL's hierarchical denoising of the source model's pseudo-labels.
 
-    ``Y_T = argmax P`` -> entropy stage (``tau1``) -> regional entropy ``E`` -> NIG parameters
-    and variance -> min-max normalisation -> NIG stage (``tau2``) -> ``Y*``.
+    ``Y_T = argmax P`` -> entropy stage (``tau1``) -> regional entropy ``E`` (divided by
+    :func:`regional_entropy_ceiling` when ``config.normalize_regional``) -> NIG parameters and
+    variance -> min-max normalisation -> NIG stage (``tau2``) -> ``Y*``.
 
     Args:
         probs: ``(C, y, x)`` (2D) or ``(C, z, y, x)`` (3D) class probabilities, background
@@ -444,6 +471,9 @@ def hierarchical_denoise(probs: np.ndarray, config: HEALConfig,
     report(progress, "denoising", 0.4, f"Regional entropy ({config.regional_entropy})")
     regional = regional_entropy(entropy, mode=config.regional_entropy, labels=y_ent,
                                 num_classes=num_classes, size=window)
+    if config.normalize_regional:
+        ceiling = regional_entropy_ceiling(config.regional_entropy, num_classes, config.entropy_base)
+        regional = (regional / np.float32(ceiling)).astype(np.float32)
     report(progress, "denoising", 0.7, "NIG variance")
     alpha, beta, omega = nig_parameters(pseudo, y_ent, regional, config, dtype=np.float64)
     variance = nig_variance(alpha, beta, omega)
