@@ -65,6 +65,8 @@ def main() -> None:
     parser.add_argument("--gmm-iterations", type=int, default=100)
     parser.add_argument("--gmm-lr", type=float, default=5e-5)
     parser.add_argument("--skip-heal", action="store_true", help="only no adaptation and GMM")
+    parser.add_argument("--class-proportions", choices=("source", "pseudo"), default="source",
+                        help="GMM prototype samples per class")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--json", help="write the figures here")
     args = parser.parse_args()
@@ -92,7 +94,8 @@ def main() -> None:
             labels["hd+egs"].append(heal.label_maps["selected_segmentation"])
             labels["heal"].append(heal.labels)
         results, adaptation = gmm_adapt([c.target for c in cases], checkpoint,
-                                        GMMConfig(iterations=args.gmm_iterations, lr=args.gmm_lr, seed=seed),
+                                        GMMConfig(iterations=args.gmm_iterations, lr=args.gmm_lr, seed=seed,
+                                                  class_proportions=args.class_proportions),
                                         inference)
         labels["gmm"] = [r.labels for r in results]
         swd.append((adaptation.swd_before, adaptation.swd_after))

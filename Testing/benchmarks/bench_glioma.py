@@ -79,6 +79,8 @@ def main() -> None:
     parser.add_argument("--gmm-iterations", type=int, default=100)
     parser.add_argument("--gmm-lr", type=float, default=5e-5)
     parser.add_argument("--skip-heal", action="store_true", help="only no adaptation and GMM")
+    parser.add_argument("--class-proportions", choices=("source", "pseudo"), default="source",
+                        help="GMM prototype samples per class")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--json", help="write the figures here")
     args = parser.parse_args()
@@ -106,7 +108,9 @@ def main() -> None:
             row["heal"]["seconds"] = time.perf_counter() - t
             row["heal"]["stage_seconds"] = heal.timings["seconds"]
         t = time.perf_counter()
-        results, adaptation = gmm_adapt(flair, checkpoint, GMMConfig(iterations=args.gmm_iterations, lr=args.gmm_lr),
+        results, adaptation = gmm_adapt(flair, checkpoint,
+                                        GMMConfig(iterations=args.gmm_iterations, lr=args.gmm_lr,
+                                                  class_proportions=args.class_proportions),
                                         inference)
         row["gmm"] = scores(results[0].labels, truth, flair.spacing)
         row["gmm"].update(seconds=time.perf_counter() - t, swd_before=adaptation.swd_before,
