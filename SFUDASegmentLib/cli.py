@@ -178,7 +178,8 @@ def cmd_adapt(args: argparse.Namespace, progress: Optional[ProgressReporter]) ->
 
         config = HEALConfig(tau1=args.tau1, tau2=args.tau2, candidates=args.candidates,
                             sampler=args.sampler, steps=args.steps, stages=args.stages, seed=args.seed,
-                            candidate_batch=args.candidate_batch)
+                            candidate_batch=args.candidate_batch,
+                            skip_empty_slices=not args.render_all_slices)
         results = [heal_adapt(volumes[0], checkpoint, config, inference, progress)]
     else:
         from .gmm import gmm_adapt
@@ -405,6 +406,8 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--stages", choices=("hd", "hd+egs", "heal"), default="heal",
                    help="ablation: denoising only, + edge-guided selection, full HEAL")
     h.add_argument("--candidate-batch", type=int, default=6, help="candidates (or slices) per diffusion batch")
+    h.add_argument("--render-all-slices", action="store_true",
+                   help="2D model on a volume: also render slices whose denoised labels are empty")
     g = p.add_argument_group("GMM")
     g.add_argument("--iterations", type=int, default=100)
     g.add_argument("--lambda", dest="lam", type=float, default=0.5, help="weight of the SWD term")

@@ -253,6 +253,9 @@ class HEALConfig:
         steps: DDIM steps (ignored by DDPM).
         ddim_eta: DDIM stochasticity (0 = deterministic).
         candidate_batch: candidates per forward pass (halved on out-of-memory).
+        skip_empty_slices: 2D model on a volume: do not render slices whose Y* has no
+            foreground (they add nothing to S_i; M_S(I_B) is background there). False renders
+            every slice with body, as a literal reading of the paper would.
         canny_low, canny_high: hysteresis thresholds as fractions of the [0, 1] range.
         canny_sigma: Gaussian smoothing before Canny (pixels); 0 disables it.
         edge_tolerance: r, dilation (voxels) of the condition's edges; 0 is the paper.
@@ -279,6 +282,7 @@ class HEALConfig:
     steps: int = 50
     ddim_eta: float = 0.0
     candidate_batch: int = 6
+    skip_empty_slices: bool = True
     canny_low: float = 0.1
     canny_high: float = 0.2
     canny_sigma: float = 1.0

@@ -348,7 +348,8 @@ def gpu_memory_text(info: Optional[tuple[float, float]]) -> str:
 def overlay_legend_text(choice: str, low: float, high: float, color_table: str) -> str:
     """The colour legend of an overlay map: what it shows and what the colour range means."""
     if choice == "candidate":
-        return ("Selected HEAL candidate (source-style image rendered from the denoised labels); "
+        return ("Selected HEAL candidate (source-style image rendered from the denoised labels; "
+                "slices without denoised labels are not rendered and stay blank); "
                 "browse the others with the slider below.")
     what = {"entropy": "Voxel entropy (bits)", "nig_variance": "NIG variance (epistemic)"}.get(
         choice, choice)

@@ -25,7 +25,7 @@ from SFUDASegmentLib.heal.pipeline import heal_adapt
 from SFUDASegmentLib.inference import segment
 from SFUDASegmentLib.io import read_image, read_label, write_image
 from SFUDASegmentLib.metrics import to_jsonable
-from SFUDASegmentLib.synthetic import make_phantom_set
+from SFUDASegmentLib.synthetic import make_phantom_set, render
 from tiny_models import TINY_SHAPE, TINY_TIMESTEPS, file_digest, single_thread, tiny_full_model  # noqa: F401
 
 OBLIQUE = Geometry((2.5, 0.8, 0.9), (-12.5, 30.25, 8.0),
@@ -132,6 +132,26 @@ def test_adapt_heal_stage_and_sampler_flags(capsys, files, tmp_path, flags, cand
         assert report["heal"]["steps"] == steps and report["heal"]["sampler"] == "ddpm"
         np.testing.assert_array_equal(segmentation, read_image(out / "selected_segmentation.nii.gz").array)
     assert_same_geometry(out / "segmentation.nii.gz", files["image_a"])
+
+
+@pytest.mark.parametrize("flags", [[], ["--render-all-slices"]])
+def test_adapt_heal_renders_slices_with_denoised_labels_unless_all_are_asked(capsys, files, tmp_path, flags):
+    phantom = make_phantom_set(1, TINY_SHAPE, seed=12, gap=0.2)[0]
+    body_only = render(np.zeros_like(phantom.labels.array), phantom.body, "target",
+                       np.random.default_rng(5), gap=0.2)
+    image = write_image(Volume(np.stack([phantom.target.array, body_only]), OBLIQUE),
+                        tmp_path / "two_slices.nii.gz")
+    out = tmp_path / "heal"
+    code, _, err = run(capsys, "adapt", "--method", "heal", "--checkpoint", str(files["full"]),
+                       "--image", str(image), "--out", str(out), "--device", "cpu",
+                       "--candidates", "1", "--steps", "2", "--stages", "hd+egs", *flags)
+    assert code == 0, err
+    refined = read_image(out / "refined_labels.nii.gz").array
+    assert refined[0].any() and not refined[1].any()  # the case this test is about
+    report = json.loads((out / "report.json").read_text())
+    assert report["rendered_slices"] == (2 if flags else 1)
+    candidate = read_image(out / "candidate_00.nii.gz").array
+    assert (np.ptp(candidate[1]) > 0) == bool(flags)
 
 
 def test_adapt_none_on_a_2d_image(capsys, files, tmp_path):

@@ -25,7 +25,7 @@ from SFUDASegmentLib.heal.edge_selection import select_candidate
 from SFUDASegmentLib.heal.pipeline import heal_adapt
 from SFUDASegmentLib.progress import ProgressEvent, ProgressReporter
 from SFUDASegmentLib.result import Result
-from SFUDASegmentLib.synthetic import make_phantom_set
+from SFUDASegmentLib.synthetic import make_phantom_set, render
 from tiny_models import TINY_SHAPE, TINY_TIMESTEPS, single_thread, tiny_full_model  # noqa: F401
 
 CPU = InferenceConfig(device="cpu")
@@ -215,7 +215,8 @@ def test_volume_with_a_2d_model_renders_slice_by_slice(tiny_full_model, monkeypa
     kept = array.copy()
     shapes = _count_diffusion_calls(monkeypatch)
     events: list[ProgressEvent] = []
-    result = heal_adapt(volume, tiny_full_model.checkpoint, HEALConfig(candidates=2, steps=3),
+    result = heal_adapt(volume, tiny_full_model.checkpoint,
+                        HEALConfig(candidates=2, steps=3, skip_empty_slices=False),
                         CPU, ProgressReporter(events.append))
     # 2 candidates x 2 slices with a body, one batch of 2D slices per step
     assert len(shapes) == 3 and all(s[0] == 4 and len(s) == 4 for s in shapes)
@@ -232,6 +233,28 @@ def test_volume_with_a_2d_model_renders_slice_by_slice(tiny_full_model, monkeypa
     assert diffusion and diffusion[-1] == pytest.approx(1.0) and diffusion == sorted(diffusion)
     np.testing.assert_array_equal(volume.array, kept)
     assert volume.array is array
+
+
+@pytest.mark.parametrize("skip", [True, False])
+def test_slices_with_empty_y_star_are_not_rendered_unless_asked(tiny_full_model, monkeypatch, skip):
+    phantom = make_phantom_set(1, TINY_SHAPE, seed=12, gap=0.2)[0]
+    body_only = render(np.zeros_like(phantom.labels.array), phantom.body, "target",
+                       np.random.default_rng(5), gap=0.2)
+    array = np.stack([phantom.target.array, body_only])
+    volume = Volume(array, Geometry((3.0, 0.8, 0.8), (10.0, -4.0, 2.5)))
+    shapes = _count_diffusion_calls(monkeypatch)
+    result = heal_adapt(volume, tiny_full_model.checkpoint,
+                        HEALConfig(candidates=2, steps=3, stages="hd+egs", skip_empty_slices=skip), CPU)
+    refined = result.label_maps["refined_labels"]
+    assert refined[0].any() and not refined[1].any()  # the case this test is about
+    rendered = 1 if skip else 2
+    assert result.extra["rendered_slices"] == rendered
+    assert all(s[0] == 2 * rendered for s in shapes)
+    if skip:
+        assert np.ptp(result.candidates[:, 1]) == 0
+        assert not result.label_maps["selected_segmentation"][1].any()
+    else:
+        assert all(np.ptp(result.candidates[i, 1]) > 0 for i in range(2))
 
 
 # --------------------------------------------------------------------------- bad input

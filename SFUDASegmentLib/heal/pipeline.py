@@ -8,7 +8,7 @@ model's segmentation of the selected candidate; ``"heal"`` fuses Y* and M_S(I_B)
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
@@ -70,17 +70,42 @@ def _bounding_box(mask: np.ndarray, multiple: int, margin: int = 4) -> tuple[sli
     return (Ellipsis, *box)
 
 
-def render_candidates(checkpoint: SourceCheckpoint, prepared: PreparedInput, refined: np.ndarray,
-                      config: HEALConfig, device: torch.device,
-                      progress: Optional[ProgressReporter] = None) -> np.ndarray:
-    """Draw ``n`` source-style candidate images conditioned on Y* (and the body mask).
+def slices_to_render(prepared: PreparedInput, refined: np.ndarray, config: HEALConfig,
+                     spatial_dims: int) -> list[int]:
+    """Axial slices (network grid) a 2D diffusion model renders; all of them for a 3D model.
+
+    A slice with no body is never rendered. With ``config.skip_empty_slices`` a slice of a
+    volume whose Y* has no foreground is not rendered either: it has no condition edges, so it
+    adds nothing to any S_i, and Y* says nothing is there (M_S(I_B) is background on it). A
+    single 2D image is always rendered.
 
     Args:
         refined: ``(Z, Y, X)`` Y* class indices on the network grid.
 
     Returns:
+        Sorted slice indices.
+    """
+    depth = refined.shape[0]
+    if spatial_dims == 3:
+        return list(range(depth))
+    skip = config.skip_empty_slices and depth > 1
+    return [z for z in range(depth)
+            if prepared.foreground[z].any() and not (skip and not refined[z].any())]
+
+
+def render_candidates(checkpoint: SourceCheckpoint, prepared: PreparedInput, refined: np.ndarray,
+                      config: HEALConfig, device: torch.device, slices: Sequence[int],
+                      progress: Optional[ProgressReporter] = None) -> np.ndarray:
+    """Draw ``n`` source-style candidate images conditioned on Y* (and the body mask).
+
+    Args:
+        refined: ``(Z, Y, X)`` Y* class indices on the network grid.
+        slices: axial slices to render with a 2D model (:func:`slices_to_render`); ignored by
+            a 3D model, which renders the whole volume.
+
+    Returns:
         ``(n, C, Z, Y, X)`` candidates as normalised intensities (z-scores), background where
-        the body mask is empty.
+        the body mask is empty and on slices not rendered.
     """
     part = checkpoint.diffusion
     assert part is not None
@@ -88,43 +113,40 @@ def render_candidates(checkpoint: SourceCheckpoint, prepared: PreparedInput, ref
     schedule = NoiseSchedule.from_config(part.schedule)
     sampler = (DDPMSampler(schedule) if config.sampler == "ddpm"
                else DDIMSampler(schedule, steps=config.steps, eta=config.ddim_eta))
-    n, channels = config.candidates, part.net_config.image_channels
-    depth = refined.shape[0]
-    box = _bounding_box(prepared.foreground, 8)
-    labels = torch.from_numpy(refined[box].astype(np.int64))
-    body = torch.from_numpy(prepared.foreground[box])
+    n, channels, k = config.candidates, part.net_config.image_channels, checkpoint.num_classes
     background = float(image_to_unit_range(np.float32(prepared.image.min()), part.intensity_scale))
     out = np.full((n, channels, *refined.shape), background, dtype=np.float32)
-    if part.net_config.spatial_dims == 3:
-        cond = make_condition(labels[None], body[None], checkpoint.num_classes).to(device)
-        items = list(range(n))
-        slices_of = {i: (i, slice(None)) for i in items}
-    else:
-        cond = make_condition(labels, body, checkpoint.num_classes).to(device)
-        occupied = [z for z in range(depth) if prepared.foreground[z].any()]
-        items = [(i, z) for i in range(n) for z in occupied]
-        slices_of = {item: item for item in items}
+    volume_mode = part.net_config.spatial_dims == 3
+    # 3D: one item per candidate. 2D: one per (slice, candidate), slice-major, so that a chunk
+    # holds neighbouring slices and is cropped to their joint body box.
+    items: list = list(range(n)) if volume_mode else [(z, i) for z in slices for i in range(n)]
     done = [0]
 
-    def run(chunk: list) -> list[np.ndarray]:
+    def run(chunk: list) -> list[tuple[tuple, np.ndarray]]:
         first = items.index(chunk[0])
         generator = torch.Generator().manual_seed(int(config.seed) * 1_000_003 + first)
-        if part.net_config.spatial_dims == 3:
-            batch_cond = cond.expand(len(chunk), *cond.shape[1:])
+        planes = list(range(refined.shape[0])) if volume_mode else [z for z, _ in chunk]
+        box = _bounding_box(prepared.foreground[planes], 8)
+        labels = torch.from_numpy(refined[planes][box].astype(np.int64))
+        body = torch.from_numpy(prepared.foreground[planes][box])
+        if volume_mode:
+            cond = make_condition(labels[None], body[None], k).expand(len(chunk), -1, *labels.shape)
+            masks = [body.numpy()] * len(chunk)
         else:
-            batch_cond = cond[[z for _, z in chunk]]
+            cond = make_condition(labels, body, k)
+            masks = list(body.numpy())
         stage = _ChunkProgress(progress, done[0], len(items), len(chunk))
-        samples = sampler.sample(net, batch_cond, channels, generator, stage, config.amp)
+        samples = sampler.sample(net, cond.to(device), channels, generator, stage, config.amp).cpu().numpy()
         done[0] += len(chunk)
-        return list(samples.cpu().numpy())
+        return [(box, np.where(mask, sample, background)) for mask, sample in zip(masks, samples)]
 
-    samples = map_in_chunks(run, items, max(1, config.candidate_batch), device, "candidate batch")
-    for item, sample in zip(items, samples):
-        i, z = slices_of[item]
-        if part.net_config.spatial_dims == 3:
-            out[(i, slice(None), slice(None)) + box[1:]] = np.where(body.numpy(), sample, background)
+    rendered = map_in_chunks(run, items, max(1, config.candidate_batch), device, "candidate batch")
+    for item, (box, sample) in zip(items, rendered):
+        if volume_mode:
+            out[(item, slice(None), slice(None)) + box[1:]] = sample
         else:
-            out[(i, slice(None), z) + box[1:]] = np.where(body[z].numpy(), sample, background)
+            z, i = item
+            out[(i, slice(None), z) + box[1:]] = sample
     del net
     free_memory(device)
     return unit_range_to_image(out, part.intensity_scale).astype(np.float32)
@@ -183,8 +205,9 @@ def heal_adapt(volume: Volume, checkpoint: SourceCheckpoint, config: HEALConfig 
     final = refined
     candidates, selection, selected_seg = None, None, None
     if config.stages != "hd":
+        rendered = slices_to_render(prepared, refined, config, checkpoint.diffusion.net_config.spatial_dims)
         with timer.stage("diffusion"):
-            candidates = render_candidates(checkpoint, prepared, refined, config, device, progress)
+            candidates = render_candidates(checkpoint, prepared, refined, config, device, rendered, progress)
         with timer.stage("selection"):
             grey = candidates[:, 0] if candidates.shape[1] == 1 else np.moveaxis(candidates, 1, -1)
             if squeeze:
@@ -193,6 +216,8 @@ def heal_adapt(volume: Volume, checkpoint: SourceCheckpoint, config: HEALConfig 
         with timer.stage("source_on_selected"):
             selected_seg, _ = predict_indices(model, candidates[selection.selected_index], spec, k,
                                            inference, device)
+            not_rendered = np.setdiff1d(np.arange(refined.shape[0]), rendered)
+            selected_seg[not_rendered] = 0
         final = selected_seg
         if config.stages == "heal":
             with timer.stage("fusion"):
@@ -214,6 +239,7 @@ def heal_adapt(volume: Volume, checkpoint: SourceCheckpoint, config: HEALConfig 
             result.candidate_scores = list(selection.scores)
             result.selected_index = selection.selected_index
             result.extra["reference_edges_empty"] = selection.reference_edges_empty
+            result.extra["rendered_slices"] = len(rendered)
         result.structure_stats = structure_statistics(result.labels, checkpoint.classes,
                                                       prepared.input_geometry, result.maps)
         result.extra["heal"] = {"stages": config.stages, "sampler": config.sampler,

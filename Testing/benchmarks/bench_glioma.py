@@ -107,6 +107,7 @@ def main() -> None:
             row["heal"] = scores(heal.labels, truth, flair.spacing)
             row["heal"]["seconds"] = time.perf_counter() - t
             row["heal"]["stage_seconds"] = heal.timings["seconds"]
+            row["heal"]["rendered_slices"] = heal.extra.get("rendered_slices", 0)
         t = time.perf_counter()
         results, adaptation = gmm_adapt(flair, checkpoint,
                                         GMMConfig(iterations=args.gmm_iterations, lr=args.gmm_lr,
@@ -121,7 +122,8 @@ def main() -> None:
         print(f"{'method':8s} " + " ".join(f"{k:>10s}" for k in ("necrosis", "edema", "enhancing", "WT", "TC", "ET")))
         for method, s in row.items():
             print(f"{method:8s} " + " ".join(f"{s[k] * 100:10.1f}" for k in ("necrosis", "edema", "enhancing", "WT", "TC", "ET")))
-        heal_seconds = f"HEAL {row['heal']['seconds']:.0f}, " if "heal" in row else ""
+        heal_seconds = (f"HEAL {row['heal']['seconds']:.0f} ({row['heal']['rendered_slices']} slices rendered), "
+                        if "heal" in row else "")
         print(f"seconds: none {row['none']['seconds']:.0f}, {heal_seconds}"
               f"GMM {row['gmm']['seconds']:.0f} ({row['gmm']['seconds_per_iteration']:.2f} s/iteration, "
               f"SWD {adaptation.swd_before:.3f} -> {adaptation.swd_after:.3f})", flush=True)

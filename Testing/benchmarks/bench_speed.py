@@ -72,10 +72,13 @@ def run_one(name: str, sampler: str, device: str, base: int, candidates: int) ->
             out[output] = result.timings
         return out
     kind, _, steps = sampler.partition("-")
+    # Freshly initialised weights give an arbitrary Y*, so every slice with body is rendered (the
+    # worst case); on real scans slices whose Y* is empty are skipped (HEALConfig.skip_empty_slices).
     config = HEALConfig(candidates=candidates, sampler=kind, steps=int(steps or 250), candidate_batch=6 if
-                        case["dims"] == "3d" else 48)
+                        case["dims"] == "3d" else 48, skip_empty_slices=False)
     result = heal_adapt(volume, checkpoint, config, inference)
-    return {"timings": result.timings, "torch_threads": torch.get_num_threads()}
+    return {"timings": result.timings, "torch_threads": torch.get_num_threads(),
+            "rendered_slices": result.extra.get("rendered_slices", 0)}
 
 
 def main() -> None:
@@ -115,7 +118,8 @@ def main() -> None:
             if "timings" in figures[key]:
                 stages = ", ".join(f"{s} {v:.1f}" for s, v in timings["seconds"].items())
                 print(f"{key}: total {timings['total_seconds']:.1f} s, peak {max(timings['peak_memory_mb'].values()):.0f} MiB"
-                      f" ({timings['peak_memory_kind']}) [{stages}]", flush=True)
+                      f" ({timings['peak_memory_kind']}), {figures[key]['rendered_slices']} slices rendered [{stages}]",
+                      flush=True)
             else:
                 for output in ("labels", "probabilities"):
                     t = figures[key][output]
