@@ -26,6 +26,7 @@ import torch
 
 from .config import (DiffusionNetConfig, InputSpec, LabelClass, ScheduleConfig, SegNetConfig,
                      to_dict)
+from .device import inference_layout
 from .errors import CheckpointError, InputError
 
 FORMAT_NAME = "sfuda-checkpoint"
@@ -104,7 +105,7 @@ class SourceCheckpoint:
                 "with `sfuda train-source ... --diffusion` (or use method 'none' or 'gmm').")
         net = ConditionalDiffusionUNet.from_config(self.diffusion.net_config)
         _load_state(net, self.diffusion.state_dict, "diffusion network")
-        return net.to(device).eval()
+        return inference_layout(net.to(device).eval(), device, self.diffusion.net_config.spatial_dims)
 
     # ------------------------------------------------------------------ file I/O
     def save(self, path: str | Path) -> Path:

@@ -47,6 +47,27 @@ def autocast(device: torch.device, enabled: bool = True) -> contextlib.AbstractC
     return torch.autocast(device_type="cuda", dtype=dtype)
 
 
+def inference_layout(net: torch.nn.Module, device: torch.device | str,
+                     spatial_dims: int) -> torch.nn.Module:
+    """Put a convolutional network's weights in channels-last layout on CPU, in place.
+
+    oneDNN runs the diffusion U-Net's convolutions about 1.4x faster in that layout on CPU
+    (2D and 3D; measured with ``bench_speed.py``); outputs agree up to float rounding. Inputs
+    need no change. On GPU the layout is left as it is (not measured there).
+
+    Args:
+        net: the network (already on ``device``).
+        device: where it runs.
+        spatial_dims: 2 or 3.
+
+    Returns:
+        ``net``.
+    """
+    if torch.device(device).type == "cpu":
+        net.to(memory_format=torch.channels_last if spatial_dims == 2 else torch.channels_last_3d)
+    return net
+
+
 def free_memory(device: torch.device) -> None:
     """Release cached memory between pipeline stages."""
     gc.collect()

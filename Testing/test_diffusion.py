@@ -13,6 +13,7 @@ from SFUDASegmentLib.config import DiffusionNetConfig, DiffusionTrainingConfig, 
 from SFUDASegmentLib.diffusion import DDIMSampler, DDPMSampler, NoiseSchedule, diffusion_loss
 from SFUDASegmentLib.diffusion_training import (PAD_INTENSITY, _PatchSampler, image_to_unit_range,
                                                 make_condition, train_diffusion, unit_range_to_image)
+from SFUDASegmentLib.device import inference_layout
 from SFUDASegmentLib.ema import ExponentialMovingAverage
 from SFUDASegmentLib.errors import InputError, OperationCancelled
 from SFUDASegmentLib.nets.diffusion_unet import ConditionalDiffusionUNet, group_count
@@ -226,6 +227,23 @@ def test_condition_and_timestep_influence_the_output():
     base = net(x, t, cond)
     assert (base - net(x, t, other)).abs().max() > 1e-3
     assert (base - net(x, torch.tensor([40]), cond)).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("dims,shape", [(2, (12, 10)), (3, (6, 8, 10))])
+def test_inference_layout_changes_speed_not_the_output(dims, shape):
+    net = randomised(ConditionalDiffusionUNet(spatial_dims=dims, cond_channels=3, **TINY)).eval()
+    gen = torch.Generator().manual_seed(1)
+    x, cond = torch.randn((2, 1, *shape), generator=gen), torch.rand((2, 3, *shape), generator=gen)
+    t = torch.tensor([3, 17])
+    with torch.no_grad():
+        before = net(x, t, cond)
+        assert inference_layout(net, "cpu", dims) is net
+        after = net(x, t, cond)
+    layout = torch.channels_last if dims == 2 else torch.channels_last_3d
+    convolutions = [m.weight for m in net.modules() if isinstance(m, (nn.Conv2d, nn.Conv3d))]
+    assert convolutions and all(w.is_contiguous(memory_format=layout) and not w.is_contiguous()
+                                for w in convolutions if w.shape[-1] > 1 and w.shape[1] > 1)
+    torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-5)
 
 
 def test_network_config_round_trip_and_errors():

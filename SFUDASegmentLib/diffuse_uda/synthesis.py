@@ -33,7 +33,7 @@ import torch
 
 from ..checkpoint import DiffusionPart, SourceCheckpoint
 from ..config import LabelClass
-from ..device import free_memory, map_in_chunks, resolve_device
+from ..device import free_memory, inference_layout, map_in_chunks, resolve_device
 from ..diffusion import DDIMSampler, DDPMSampler, NoiseSchedule
 from ..diffusion_training import make_condition, unit_range_to_image
 from ..errors import InputError
@@ -170,7 +170,7 @@ def synthesize_pairs(model: Union[SourceCheckpoint, DiffusionPart], templates: S
     device = resolve_device(device)
     net = ConditionalDiffusionUNet.from_config(cfg)
     net.load_state_dict(part.state_dict)
-    net.to(device).eval()
+    inference_layout(net.to(device).eval(), device, cfg.spatial_dims)
     settings = deformation or DeformationSettings.for_dims(cfg.spatial_dims)
     conditions = _conditions(templates, int(n), deform, settings, seed)
     by_shape: dict[tuple[int, ...], list[int]] = {}
