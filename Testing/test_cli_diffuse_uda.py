@@ -22,6 +22,7 @@ from SFUDASegmentLib.cli import main
 from SFUDASegmentLib.diffuse_uda.synthesis import read_synthetic_dataset
 from SFUDASegmentLib.io import read_image, write_image
 from SFUDASegmentLib.synthetic import PHANTOM_CLASSES, make_phantom_set
+from tiny_models import single_thread  # noqa: F401
 
 LABELS = ",".join(f"{c.value}:{c.name}" for c in PHANTOM_CLASSES)
 CLASS_VALUES = {0} | {c.value for c in PHANTOM_CLASSES}
@@ -29,15 +30,6 @@ N_SOURCE = 3
 TINY = ["--dims", "2d", "--patch-size", "32,32", "--iterations", "2", "--diffusion-iterations", "2",
         "--batch-size", "2", "--channels", "4,8", "--diffusion-channels", "8,16", "--steps", "2",
         "--device", "cpu", "--seed", "3"]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One PyTorch thread: the test machine's two cores are shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _run(argv: list[str]) -> tuple[int, dict]:
@@ -49,7 +41,7 @@ def _run(argv: list[str]) -> tuple[int, dict]:
 
 
 @pytest.fixture(scope="module")
-def files(tmp_path_factory, one_thread) -> dict:
+def files(tmp_path_factory, single_thread) -> dict:
     """Phantom source images + labels and target images (32 x 32, NIfTI) written to disk."""
     folder = tmp_path_factory.mktemp("phantoms")
     sources = make_phantom_set(N_SOURCE, (32, 32), 11, gap=0.8)

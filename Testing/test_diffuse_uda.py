@@ -35,19 +35,11 @@ from SFUDASegmentLib.nets.unet import ResidualUNet
 from SFUDASegmentLib.patch_sampler import TrainingCase
 from SFUDASegmentLib.progress import ProgressReporter
 from SFUDASegmentLib.synthetic import PHANTOM_CLASSES, make_phantom_set
+from tiny_models import single_thread  # noqa: F401
 
 CLASSES = [LabelClass(1, "a"), LabelClass(2, "b")]
 TINY_DIFFUSION = dict(base_channels=8, channel_mults=(1, 2), num_res_blocks=1, groups=4,
                       mid_attention=False)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One PyTorch thread: the test machine's two cores are shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 # --------------------------------------------------------------------------- Fourier transfer

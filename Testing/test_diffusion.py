@@ -18,17 +18,9 @@ from SFUDASegmentLib.ema import ExponentialMovingAverage
 from SFUDASegmentLib.errors import InputError, OperationCancelled
 from SFUDASegmentLib.nets.diffusion_unet import ConditionalDiffusionUNet, group_count
 from SFUDASegmentLib.progress import ProgressReporter
+from tiny_models import single_thread  # noqa: F401
 
 TINY = dict(base_channels=8, channel_mults=(1, 2), num_res_blocks=1, groups=4)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The tiny tensors here run faster on one thread than with intra-op threads competing."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 class Oracle:

@@ -18,7 +18,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 REPO = Path(__file__).resolve().parents[2]
@@ -26,22 +25,18 @@ sys.path.insert(0, str(REPO))
 
 from SFUDASegmentLib.checkpoint import SourceCheckpoint  # noqa: E402
 from SFUDASegmentLib.config import (DiffusionNetConfig, DiffusionTrainingConfig, GMMConfig,  # noqa: E402
-                                    HEALConfig, InferenceConfig, InputSpec, TrainingConfig, parse_labels)
+                                    HEALConfig, InferenceConfig, InputSpec, TrainingConfig)
 from SFUDASegmentLib.gmm import fit_prototypes, gmm_adapt  # noqa: E402
 from SFUDASegmentLib.heal import heal_adapt  # noqa: E402
 from SFUDASegmentLib.inference import segment  # noqa: E402
-from SFUDASegmentLib.io import read_image, read_label  # noqa: E402
-from SFUDASegmentLib.metrics import BRATS_REGIONS, evaluate  # noqa: E402
 from SFUDASegmentLib.training import train_source  # noqa: E402
+from glioma_cases import CASES, CLASSES, DEFAULT_DATA, print_case, read_labels, read_scans, scores  # noqa: E402
 
-CASES = ("TCGA-DU-7294", "OtherEXampleFromTCIA")
-CLASSES = parse_labels("1:necrosis,2:edema,4:enhancing")
 
 
 def train(args: argparse.Namespace, data: Path) -> SourceCheckpoint:
     """T1c source model + diffusion + prototypes."""
-    images = [read_image(data / c / "t1c.nii.gz") for c in CASES]
-    labels = [read_label(data / c / "seg_fusion_mav.nii.gz", {0, 1, 2, 4}) for c in CASES]
+    images, labels = read_scans(data, "t1c"), read_labels(data)
     spec = InputSpec(dims="2d", modality="T1c", target_spacing=(args.spacing, args.spacing),
                      patch_size=(args.patch, args.patch))
     diffusion = DiffusionNetConfig(spatial_dims=2, image_channels=1, cond_channels=5, base_channels=16,
@@ -56,18 +51,9 @@ def train(args: argparse.Namespace, data: Path) -> SourceCheckpoint:
     return fit_prototypes(outcome.checkpoint, images, labels, GMMConfig(rho=0.9), device=args.device)
 
 
-def scores(pred: np.ndarray, truth: np.ndarray, spacing) -> dict:
-    """Dice per label and per BraTS region."""
-    result = evaluate(pred, truth, spacing, {c.name: c.value for c in CLASSES}, BRATS_REGIONS)
-    out = {name: v["dice"] for name, v in result["labels"].items()}
-    out.update({name: v["dice"] for name, v in result["regions"].items()})
-    out["mean_label_dice"] = result["mean_dice"]
-    return out
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "tcga_glioma"))
+    parser.add_argument("--data", default=str(DEFAULT_DATA))
     parser.add_argument("--checkpoint", help="reuse a checkpoint written by --save")
     parser.add_argument("--save", help="write the trained checkpoint here")
     parser.add_argument("--spacing", type=float, default=2.0, help="in-plane network spacing (mm)")
@@ -91,9 +77,8 @@ def main() -> None:
         checkpoint.save(args.save)
     figures: dict = {"train_seconds": time.perf_counter() - t0, "cases": {}}
     inference = InferenceConfig(device=args.device, batch_size=16)
-    for case in CASES:
-        flair = read_image(data / case / "fla.nii.gz")
-        truth = read_label(data / case / "seg_fusion_mav.nii.gz", {0, 1, 2, 4}).array
+    for case, flair, truth_volume in zip(CASES, read_scans(data, "fla"), read_labels(data)):
+        truth = truth_volume.array
         row: dict = {}
         t = time.perf_counter()
         row["none"] = scores(segment(checkpoint, flair, inference, "labels").labels, truth, flair.spacing)
@@ -118,10 +103,7 @@ def main() -> None:
                           swd_after=adaptation.swd_after,
                           seconds_per_iteration=results[0].timings["seconds_per_iteration"])
         figures["cases"][case] = row
-        print(f"\n{case} FLAIR (source model trained on T1c)")
-        print(f"{'method':8s} " + " ".join(f"{k:>10s}" for k in ("necrosis", "edema", "enhancing", "WT", "TC", "ET")))
-        for method, s in row.items():
-            print(f"{method:8s} " + " ".join(f"{s[k] * 100:10.1f}" for k in ("necrosis", "edema", "enhancing", "WT", "TC", "ET")))
+        print_case(f"{case}, source model trained on T1c,", row)
         heal_seconds = (f"HEAL {row['heal']['seconds']:.0f} ({row['heal']['rendered_slices']} slices rendered), "
                         if "heal" in row else "")
         print(f"seconds: none {row['none']['seconds']:.0f}, {heal_seconds}"

@@ -54,25 +54,21 @@ if str(REPO) not in sys.path:
 
 from SFUDASegmentLib.checkpoint import SourceCheckpoint  # noqa: E402
 from SFUDASegmentLib.cli import make_reporter  # noqa: E402
-from SFUDASegmentLib.config import InferenceConfig, InputSpec, TrainingConfig, parse_labels  # noqa: E402
+from SFUDASegmentLib.config import InferenceConfig, InputSpec, TrainingConfig  # noqa: E402
 from SFUDASegmentLib.device import StageTimer, resolve_device  # noqa: E402
 from SFUDASegmentLib.diffuse_uda.pipeline import DiffuseUDAConfig, run_diffuse_uda  # noqa: E402
 from SFUDASegmentLib.geometry import Volume  # noqa: E402
 from SFUDASegmentLib.inference import segment  # noqa: E402
-from SFUDASegmentLib.io import read_image, read_label  # noqa: E402
-from SFUDASegmentLib.metrics import BRATS_REGIONS, evaluate  # noqa: E402
 from SFUDASegmentLib.progress import ProgressReporter  # noqa: E402
 from SFUDASegmentLib.training import default_seg_config, train_source  # noqa: E402
+from glioma_cases import CASES, CLASSES, COLUMNS, DEFAULT_DATA, print_case, read_labels, read_scans, scores  # noqa: E402
 
-CASES = ("TCGA-DU-7294", "OtherEXampleFromTCIA")
-CLASSES = parse_labels("1:necrosis,2:edema,4:enhancing")
 ROWS = ("source-only", "ascplus", "diffuse-uda")
-COLUMNS = ("necrosis", "edema", "enhancing", "WT", "TC", "ET")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "tcga_glioma"))
+    parser.add_argument("--data", default=str(DEFAULT_DATA))
     parser.add_argument("--spacing", type=float, default=2.0, help="in-plane network spacing (mm)")
     parser.add_argument("--patch", type=int, default=96, help="2D training patch (pixels per side)")
     parser.add_argument("--channels", type=int, nargs="+", default=(16, 32, 64),
@@ -108,15 +104,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def scores(pred: np.ndarray, truth: np.ndarray, spacing) -> dict:
-    """Dice per label and per BraTS region, and the mean Dice over the labels."""
-    result = evaluate(pred, truth, spacing, {c.name: c.value for c in CLASSES}, BRATS_REGIONS)
-    out = {name: v["dice"] for name, v in result["labels"].items()}
-    out.update({name: v["dice"] for name, v in result["regions"].items()})
-    out["mean_label_dice"] = result["mean_dice"]
-    return out
-
-
 def train_source_only(images: list[Volume], labels: list[Volume], spec: InputSpec, config: DiffuseUDAConfig,
                       progress: ProgressReporter | None) -> SourceCheckpoint:
     """The baseline: the retraining's network and budget on the T1c scans alone."""
@@ -131,22 +118,13 @@ def train_source_only(images: list[Volume], labels: list[Volume], spec: InputSpe
     return outcome.checkpoint
 
 
-def print_case(case: str, row: dict) -> None:
-    print(f"\n{case} FLAIR (Dice %, labels and BraTS regions)")
-    print(f"{'model':12s} " + " ".join(f"{k:>10s}" for k in COLUMNS))
-    for name, s in row.items():
-        print(f"{name:12s} " + " ".join(f"{s[k] * 100:10.1f}" for k in COLUMNS))
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
     data = Path(args.data)
-    t1c = [read_image(data / c / "t1c.nii.gz") for c in CASES]
-    flair = [read_image(data / c / "fla.nii.gz") for c in CASES]
-    labels = [read_label(data / c / "seg_fusion_mav.nii.gz", {0, 1, 2, 4}) for c in CASES]
+    t1c, flair, labels = read_scans(data, "t1c"), read_scans(data, "fla"), read_labels(data)
     spec = InputSpec(dims="2d", modality="T1c", target_spacing=(args.spacing, args.spacing),
                      patch_size=(args.patch, args.patch))
     widths = tuple(args.diffusion_channels)
