@@ -3,8 +3,8 @@
 The module is thin: the panel (``Resources/UI/SFUDASegment.ui``) is bound to a
 ``parameterNodeWrapper`` parameter node; the logic writes the input volume to a temporary file,
 runs ``sfuda adapt`` from ``SFUDASegmentLib`` in a child process (``jobs.BackgroundJob``), and
-adds the result to the scene with ``SFUDASegmentLib.mrml``. Decisions that need no Qt live in
-``SFUDASegmentLib.slicer_support`` and are tested without Slicer.
+adds the result to the scene with ``SFUDASegmentLib.slicer_bridge.mrml``. Decisions that need no Qt live in
+``SFUDASegmentLib.slicer_bridge.panel_support`` and are tested without Slicer.
 
 Console use::
 
@@ -30,9 +30,9 @@ import vtk
 import slicer
 from slicer import (vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode, vtkMRMLSequenceBrowserNode,
                     vtkMRMLTableNode)
-from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper
 from slicer.ScriptedLoadableModule import (ScriptedLoadableModule, ScriptedLoadableModuleLogic,
                                            ScriptedLoadableModuleTest, ScriptedLoadableModuleWidget)
+from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper
 from slicer.util import VTKObservationMixin
 
 #
@@ -60,8 +60,8 @@ RESOURCES_DIR = os.path.join(_besideOrAbove("Resources"), "Resources")
 
 # Only torch-free parts of the library are imported here: PyTorch may not be installed yet
 # (ensureDependencies installs it). The rest is imported inside the functions that need it.
-from SFUDASegmentLib import slicer_support as support  # noqa: E402
-from SFUDASegmentLib.jobs import DEFAULT_MODULE, BackgroundJob, run_job  # noqa: E402
+from SFUDASegmentLib.slicer_bridge import panel_support as support  # noqa: E402
+from SFUDASegmentLib.slicer_bridge.jobs import DEFAULT_MODULE, BackgroundJob, run_job  # noqa: E402
 
 PROJECT_URL = "https://github.com/sfudasegment/SlicerSFUDASegment"
 SAMPLE_NAME = "SFUDAPhantomTarget"
@@ -403,7 +403,7 @@ class SFUDASegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.gpuMemoryLabel.text = "PyTorch is not installed yet (installed on Apply)."
             return
         try:
-            from SFUDASegmentLib.device import gpu_memory_info
+            from SFUDASegmentLib.utils.device import gpu_memory_info
 
             self.ui.gpuMemoryLabel.text = support.gpu_memory_text(gpu_memory_info())
         except Exception as error:
@@ -572,7 +572,7 @@ class SFUDASegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if overlayKey == self._overlayKey or p.resultInput is None:
             return
         self._overlayKey = overlayKey
-        from SFUDASegmentLib import mrml
+        from SFUDASegmentLib.slicer_bridge import mrml
 
         mrml.show_in_views(p.resultInput, overlay, p.segmentation, p.overlayOpacity)
         self.ui.colorLegendLabel.text = _legendText(p.overlayMap, overlay)
@@ -713,8 +713,8 @@ class SFUDASegmentLogic(ScriptedLoadableModuleLogic):
         if not os.path.isfile(checkpointPath):
             raise ValueError(f"Checkpoint file not found: '{checkpointPath}'. Choose a *.sfuda "
                              "file (the demo one is in the module's Resources/SampleData).")
-        from SFUDASegmentLib import mrml
-        from SFUDASegmentLib.io import write_image
+        from SFUDASegmentLib.data.io import write_image
+        from SFUDASegmentLib.slicer_bridge import mrml
 
         workDir = tempfile.mkdtemp(prefix="SFUDASegment-", dir=_temporaryFolder())
         try:
@@ -776,8 +776,8 @@ class SFUDASegmentLogic(ScriptedLoadableModuleLogic):
 
     def _loadResult(self, outDir: str, inputVolume: vtkMRMLScalarVolumeNode) -> dict:
         """Read a result folder and add it to the input's scene as new nodes."""
-        from SFUDASegmentLib import mrml
-        from SFUDASegmentLib.result_files import read_result
+        from SFUDASegmentLib.results.files import read_result
+        from SFUDASegmentLib.slicer_bridge import mrml
 
         return mrml.add_result_to_scene(read_result(outDir), inputVolume)
 
@@ -817,8 +817,8 @@ class SFUDASegmentTest(ScriptedLoadableModuleTest):
         """The bundled target scan, or a generated phantom when the file is absent."""
         if os.path.isfile(sampleScanPath()):
             return slicer.util.loadVolume(sampleScanPath())
-        from SFUDASegmentLib import mrml
-        from SFUDASegmentLib.synthetic import make_phantom
+        from SFUDASegmentLib.data.synthetic import make_phantom
+        from SFUDASegmentLib.slicer_bridge import mrml
 
         return mrml.add_volume_node(make_phantom((24, 64, 64), seed=3).target, SAMPLE_NAME)
 

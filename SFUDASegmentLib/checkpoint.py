@@ -26,8 +26,8 @@ import torch
 
 from .config import (DiffusionNetConfig, InputSpec, LabelClass, ScheduleConfig, SegNetConfig,
                      to_dict)
-from .device import inference_layout
 from .errors import CheckpointError, InputError
+from .utils.device import inference_layout
 
 FORMAT_NAME = "sfuda-checkpoint"
 FORMAT_VERSION = 1

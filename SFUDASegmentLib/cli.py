@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 from .errors import InputError, OperationCancelled, SFUDAError
-from .progress import ProgressEvent, ProgressReporter
+from .utils.progress import ProgressEvent, ProgressReporter
 
 
 # ----------------------------------------------------------------------------- progress
@@ -85,7 +85,7 @@ def _ints(text: str, name: str) -> tuple[int, ...]:
 
 
 def _print_json(data: Any) -> None:
-    from .metrics import to_jsonable
+    from .evaluation.metrics import to_jsonable
 
     print(json.dumps(to_jsonable(data), indent=2))
 
@@ -93,8 +93,8 @@ def _print_json(data: Any) -> None:
 # ----------------------------------------------------------------------------- commands
 def cmd_train_source(args: argparse.Namespace, progress: Optional[ProgressReporter]) -> int:
     from .config import DiffusionTrainingConfig, InputSpec, TrainingConfig, parse_labels
-    from .io import read_image, read_label
-    from .training import default_seg_config, train_source
+    from .data.io import read_image, read_label
+    from .training.segmentation import default_seg_config, train_source
 
     images, labels = list(args.image or []), list(args.label or [])
     if args.pairs:
@@ -140,9 +140,9 @@ def cmd_train_source(args: argparse.Namespace, progress: Optional[ProgressReport
 def cmd_segment(args: argparse.Namespace, progress: Optional[ProgressReporter]) -> int:
     from .checkpoint import SourceCheckpoint
     from .config import InferenceConfig
-    from .inference import segment
-    from .io import read_image
-    from .result_files import write_result
+    from .data.io import read_image
+    from .inference.segment import segment
+    from .results.files import write_result
 
     checkpoint = SourceCheckpoint.load(args.checkpoint)
     volume = read_image(args.image)
@@ -157,8 +157,8 @@ def cmd_segment(args: argparse.Namespace, progress: Optional[ProgressReporter]) 
 def cmd_adapt(args: argparse.Namespace, progress: Optional[ProgressReporter]) -> int:
     from .checkpoint import SourceCheckpoint
     from .config import GMMConfig, HEALConfig, InferenceConfig
-    from .io import read_image
-    from .result_files import write_result
+    from .data.io import read_image
+    from .results.files import write_result
 
     checkpoint = SourceCheckpoint.load(args.checkpoint)
     if args.save_adapted and (args.method != "gmm" or Path(args.save_adapted).resolve() == Path(args.checkpoint).resolve()):
@@ -170,7 +170,7 @@ def cmd_adapt(args: argparse.Namespace, progress: Optional[ProgressReporter]) ->
         raise InputError(f"--method {args.method} adapts one image at a time; give one --image "
                          "(several --image are for --method gmm).")
     if args.method == "none":
-        from .inference import segment
+        from .inference.segment import segment
 
         results = [segment(checkpoint, volumes[0], inference, "probabilities", progress)]
     elif args.method == "heal":
@@ -208,8 +208,8 @@ def cmd_adapt(args: argparse.Namespace, progress: Optional[ProgressReporter]) ->
 def cmd_fit_prototypes(args: argparse.Namespace, progress: Optional[ProgressReporter]) -> int:
     from .checkpoint import SourceCheckpoint
     from .config import GMMConfig
+    from .data.io import read_image, read_label
     from .gmm import fit_prototypes
-    from .io import read_image, read_label
 
     if not args.image or len(args.image) != len(args.label or []):
         raise InputError("Give one --label per --image (labelled source cases).")
@@ -226,8 +226,8 @@ def cmd_fit_prototypes(args: argparse.Namespace, progress: Optional[ProgressRepo
 
 def cmd_diffuse_uda(args: argparse.Namespace, progress: Optional[ProgressReporter]) -> int:
     from .config import InputSpec, parse_labels
+    from .data.io import read_image, read_label
     from .diffuse_uda import DiffuseUDAConfig, run_diffuse_uda
-    from .io import read_image, read_label
 
     if not args.source_image or len(args.source_image) != len(args.source_label or []):
         raise InputError(f"Got {len(args.source_image or [])} --source-image and {len(args.source_label or [])} "
@@ -262,8 +262,8 @@ def cmd_diffuse_uda(args: argparse.Namespace, progress: Optional[ProgressReporte
 
 def cmd_synthesize(args: argparse.Namespace, progress: Optional[ProgressReporter]) -> int:
     from .checkpoint import SourceCheckpoint
+    from .data.io import read_image, read_label
     from .diffuse_uda import synthesize_from_label_maps
-    from .io import read_image, read_label
 
     checkpoint = SourceCheckpoint.load(args.checkpoint)
     allowed = {0} | {c.value for c in checkpoint.classes}
@@ -281,8 +281,8 @@ def cmd_synthesize(args: argparse.Namespace, progress: Optional[ProgressReporter
 def cmd_evaluate(args: argparse.Namespace, progress: Optional[ProgressReporter]) -> int:
     import numpy as np
 
-    from .io import check_same_geometry, read_image
-    from .metrics import evaluate, parse_regions
+    from .data.io import check_same_geometry, read_image
+    from .evaluation.metrics import evaluate, parse_regions
 
     pred, ref = read_image(args.pred), read_image(args.gt)
     check_same_geometry(ref, pred)
@@ -298,7 +298,7 @@ def cmd_evaluate(args: argparse.Namespace, progress: Optional[ProgressReporter])
                       regions, nsd_tolerance_mm=args.nsd_tolerance)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        from .metrics import to_jsonable
+        from .evaluation.metrics import to_jsonable
 
         Path(args.json).write_text(json.dumps(to_jsonable(scores), indent=2))
     _print_json(scores)

@@ -23,13 +23,13 @@ import numpy as np
 from .checkpoint import SourceCheckpoint
 from .config import (DiffusionTrainingConfig, GMMConfig, HEALConfig,
                      InferenceConfig, InputSpec, ScheduleConfig, TrainingConfig)
-from .geometry import Volume
-from .io import write_image
-from .metrics import evaluate
-from .outputs import StagedOutputDir
-from .progress import ProgressReporter, report
-from .result import Result
-from .synthetic import Phantom, make_phantom, make_phantom_set
+from .data.geometry import Volume
+from .data.io import write_image
+from .data.synthetic import Phantom, make_phantom, make_phantom_set
+from .evaluation.metrics import evaluate
+from .results.result import Result
+from .results.staging import StagedOutputDir
+from .utils.progress import ProgressReporter, report
 
 
 @dataclass(frozen=True)
@@ -88,7 +88,7 @@ def train_demo_checkpoint(settings: DemoSettings = DemoSettings(), device: str =
                           progress: Optional[ProgressReporter] = None) -> SourceCheckpoint:
     """Train the demo's source model, diffusion model and prototypes on source phantoms."""
     from .gmm import fit_prototypes
-    from .training import default_diffusion_config, default_seg_config, train_source
+    from .training.segmentation import default_diffusion_config, default_seg_config, train_source
 
     phantoms = make_phantom_set(settings.source_cases, settings.shape, seed=7, gap=settings.gap)
     patch = settings.shape[1:]
@@ -106,7 +106,7 @@ def train_demo_checkpoint(settings: DemoSettings = DemoSettings(), device: str =
         diffusion_config=diffusion_net, schedule=ScheduleConfig(timesteps=250), progress=progress,
         case_names=[f"phantom_source_{i}" for i in range(len(phantoms))],
         data_description=f"{len(phantoms)} synthetic source-modality phantoms {settings.shape}, "
-                         "SFUDASegmentLib.synthetic (seed 7)")
+                         "SFUDASegmentLib.data.synthetic (seed 7)")
     return fit_prototypes(outcome.checkpoint, [p.source for p in phantoms], [p.labels for p in phantoms],
                           GMMConfig(), device=device, progress=progress)
 
@@ -194,7 +194,7 @@ def run_demo(out_dir: Path, quick: bool = False, device: str = "auto", train: bo
     """
     from .gmm import gmm_adapt
     from .heal import heal_adapt
-    from .inference import segment
+    from .inference.segment import segment
 
     settings = DemoSettings()
     seconds: dict[str, float] = {}

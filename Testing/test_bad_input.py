@@ -18,12 +18,12 @@ import torch
 from SFUDASegmentLib import cli
 from SFUDASegmentLib.checkpoint import SourceCheckpoint
 from SFUDASegmentLib.config import InferenceConfig, InputSpec, LabelClass
+from SFUDASegmentLib.data.geometry import Geometry, Volume
+from SFUDASegmentLib.data.io import read_image, read_label, write_image
+from SFUDASegmentLib.data.synthetic import PHANTOM_CLASSES, make_phantom_set
 from SFUDASegmentLib.errors import CheckpointError, DeviceError, InputError
-from SFUDASegmentLib.geometry import Geometry, Volume
-from SFUDASegmentLib.inference import segment
-from SFUDASegmentLib.io import read_image, read_label, write_image
-from SFUDASegmentLib.synthetic import PHANTOM_CLASSES, make_phantom_set
-from SFUDASegmentLib.training import train_source
+from SFUDASegmentLib.inference.segment import segment
+from SFUDASegmentLib.training.segmentation import train_source
 from tiny_models import (file_digest, single_thread, tiny_model, tiny_training_config,  # noqa: F401
                          tree_snapshot, untrained_checkpoint)
 

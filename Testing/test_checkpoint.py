@@ -15,9 +15,9 @@ import torch
 
 from SFUDASegmentLib.checkpoint import FORMAT_VERSION, SourceCheckpoint
 from SFUDASegmentLib.config import InputSpec, LabelClass, SegNetConfig
+from SFUDASegmentLib.data.synthetic import PHANTOM_CLASSES
 from SFUDASegmentLib.errors import CheckpointError
 from SFUDASegmentLib.nets.unet import ResidualUNet
-from SFUDASegmentLib.synthetic import PHANTOM_CLASSES
 from tiny_models import file_digest, single_thread, untrained_checkpoint  # noqa: F401
 
 SPEC = InputSpec(dims="3d", modality="T1c", patch_size=(16, 16, 16), target_spacing=(2.0, 1.0, 1.0))

@@ -15,11 +15,11 @@ from scipy import ndimage
 from SFUDASegmentLib import cli
 from SFUDASegmentLib.checkpoint import SourceCheckpoint
 from SFUDASegmentLib.config import InferenceConfig
-from SFUDASegmentLib.geometry import Geometry, Volume
-from SFUDASegmentLib.inference import segment
-from SFUDASegmentLib.io import read_image, write_image
-from SFUDASegmentLib.metrics import evaluate, to_jsonable
-from SFUDASegmentLib.synthetic import make_phantom_set
+from SFUDASegmentLib.data.geometry import Geometry, Volume
+from SFUDASegmentLib.data.io import read_image, write_image
+from SFUDASegmentLib.data.synthetic import make_phantom_set
+from SFUDASegmentLib.evaluation.metrics import evaluate, to_jsonable
+from SFUDASegmentLib.inference.segment import segment
 from tiny_models import file_digest, single_thread, tiny_model  # noqa: F401
 
 LABELS = "1:organ,2:vessel,3:lesion"

@@ -15,17 +15,19 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from SFUDASegmentLib import cli, io
+from SFUDASegmentLib import cli
+
 from SFUDASegmentLib.checkpoint import SourceCheckpoint
 from SFUDASegmentLib.config import GMMConfig, HEALConfig, InferenceConfig
-from SFUDASegmentLib.geometry import Geometry, Volume
+from SFUDASegmentLib.data import io
+from SFUDASegmentLib.data.geometry import Geometry, Volume
+from SFUDASegmentLib.data.io import read_image, read_label, write_image
+from SFUDASegmentLib.data.synthetic import make_phantom_set, render
+from SFUDASegmentLib.evaluation.metrics import to_jsonable
 from SFUDASegmentLib.gmm.fitting import fit_prototypes
 from SFUDASegmentLib.gmm.prototypes import ClassPrototypes
 from SFUDASegmentLib.heal.pipeline import heal_adapt
-from SFUDASegmentLib.inference import segment
-from SFUDASegmentLib.io import read_image, read_label, write_image
-from SFUDASegmentLib.metrics import to_jsonable
-from SFUDASegmentLib.synthetic import make_phantom_set, render
+from SFUDASegmentLib.inference.segment import segment
 from tiny_models import TINY_SHAPE, TINY_TIMESTEPS, file_digest, single_thread, tiny_full_model  # noqa: F401
 
 OBLIQUE = Geometry((2.5, 0.8, 0.9), (-12.5, 30.25, 8.0),

@@ -19,9 +19,9 @@ import torch
 
 from SFUDASegmentLib.checkpoint import SourceCheckpoint
 from SFUDASegmentLib.cli import main
+from SFUDASegmentLib.data.io import read_image, write_image
+from SFUDASegmentLib.data.synthetic import PHANTOM_CLASSES, make_phantom_set
 from SFUDASegmentLib.diffuse_uda.synthesis import read_synthetic_dataset
-from SFUDASegmentLib.io import read_image, write_image
-from SFUDASegmentLib.synthetic import PHANTOM_CLASSES, make_phantom_set
 from tiny_models import single_thread  # noqa: F401
 
 LABELS = ",".join(f"{c.value}:{c.name}" for c in PHANTOM_CLASSES)

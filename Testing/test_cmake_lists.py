@@ -149,7 +149,7 @@ def test_installed_tree_has_module_library_and_resources_side_by_side(
     installed = set(module_lists["MODULE_PYTHON_SCRIPTS"]) | set(
         module_lists["MODULE_LIBRARY_SCRIPTS"]) | set(module_lists["MODULE_PYTHON_RESOURCES"])
     assert not [p for p in installed if p.startswith("..") or p.startswith("/")]
-    for path in ("SFUDASegment.py", "SFUDASegmentLib/__init__.py", "SFUDASegmentLib/jobs.py",
+    for path in ("SFUDASegment.py", "SFUDASegmentLib/__init__.py", "SFUDASegmentLib/slicer_bridge/jobs.py",
                  "SFUDASegmentLib/cli.py", "Resources/UI/SFUDASegment.ui",
                  "Resources/Icons/SFUDASegment.png"):
         assert path in installed, path

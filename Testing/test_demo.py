@@ -17,9 +17,9 @@ import numpy as np
 import pytest
 
 from SFUDASegmentLib import cli, demo
-from SFUDASegmentLib.io import read_image
-from SFUDASegmentLib.result import Result
-from SFUDASegmentLib.synthetic import make_phantom
+from SFUDASegmentLib.data.io import read_image
+from SFUDASegmentLib.data.synthetic import make_phantom
+from SFUDASegmentLib.results.result import Result
 from tiny_models import dice, single_thread, tiny_full_model, tree_snapshot  # noqa: F401
 
 METHODS = ("none", "heal", "gmm")

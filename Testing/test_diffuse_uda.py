@@ -13,6 +13,10 @@ from torch import nn
 from SFUDASegmentLib.checkpoint import DiffusionPart, SourceCheckpoint
 from SFUDASegmentLib.config import (DiffusionNetConfig, InferenceConfig, InputSpec, LabelClass,
                                     ScheduleConfig, SegNetConfig)
+from SFUDASegmentLib.data.geometry import Geometry, Volume
+from SFUDASegmentLib.data.io import read_image
+from SFUDASegmentLib.data.labels import indices_to_values
+from SFUDASegmentLib.data.synthetic import PHANTOM_CLASSES, make_phantom_set
 from SFUDASegmentLib.diffuse_uda.ascplus import (ASCPlusConfig, cutmix, cutmix_masks, sigmoid_rampup,
                                                  train_ascplus, update_teacher)
 from SFUDASegmentLib.diffuse_uda.deformation import (DeformationSettings, apply_deformation,
@@ -27,14 +31,10 @@ from SFUDASegmentLib.diffuse_uda.synthesis import (LabelTemplate, read_synthetic
                                                    synthesize_from_label_maps, synthesize_pairs,
                                                    write_synthetic_dataset)
 from SFUDASegmentLib.errors import InputError
-from SFUDASegmentLib.geometry import Geometry, Volume
-from SFUDASegmentLib.io import read_image
-from SFUDASegmentLib.labels import indices_to_values
 from SFUDASegmentLib.nets.diffusion_unet import ConditionalDiffusionUNet
 from SFUDASegmentLib.nets.unet import ResidualUNet
-from SFUDASegmentLib.patch_sampler import TrainingCase
-from SFUDASegmentLib.progress import ProgressReporter
-from SFUDASegmentLib.synthetic import PHANTOM_CLASSES, make_phantom_set
+from SFUDASegmentLib.training.patch_sampler import TrainingCase
+from SFUDASegmentLib.utils.progress import ProgressReporter
 from tiny_models import single_thread  # noqa: F401
 
 CLASSES = [LabelClass(1, "a"), LabelClass(2, "b")]

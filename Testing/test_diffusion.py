@@ -10,14 +10,14 @@ import torch
 from torch import nn
 
 from SFUDASegmentLib.config import DiffusionNetConfig, DiffusionTrainingConfig, ScheduleConfig
-from SFUDASegmentLib.diffusion import DDIMSampler, DDPMSampler, NoiseSchedule, diffusion_loss
-from SFUDASegmentLib.diffusion_training import (PAD_INTENSITY, _PatchSampler, image_to_unit_range,
+from SFUDASegmentLib.diffusion.sampling import DDIMSampler, DDPMSampler, NoiseSchedule, diffusion_loss
+from SFUDASegmentLib.diffusion.training import (PAD_INTENSITY, _PatchSampler, image_to_unit_range,
                                                 make_condition, train_diffusion, unit_range_to_image)
-from SFUDASegmentLib.device import inference_layout
-from SFUDASegmentLib.ema import ExponentialMovingAverage
 from SFUDASegmentLib.errors import InputError, OperationCancelled
 from SFUDASegmentLib.nets.diffusion_unet import ConditionalDiffusionUNet, group_count
-from SFUDASegmentLib.progress import ProgressReporter
+from SFUDASegmentLib.training.ema import ExponentialMovingAverage
+from SFUDASegmentLib.utils.device import inference_layout
+from SFUDASegmentLib.utils.progress import ProgressReporter
 from tiny_models import single_thread  # noqa: F401
 
 TINY = dict(base_channels=8, channel_mults=(1, 2), num_res_blocks=1, groups=4)

@@ -24,7 +24,7 @@ from SFUDASegmentLib.gmm.adaptation import adapt_model, adapted_checkpoint, embe
 from SFUDASegmentLib.gmm.fitting import fit_prototypes
 from SFUDASegmentLib.gmm.plots import render_embedding_plot, write_embedding_plot
 from SFUDASegmentLib.gmm.prototypes import ClassPrototypes
-from SFUDASegmentLib.preparation import prepare_input
+from SFUDASegmentLib.inference.preparation import prepare_input
 from tiny_models import single_thread, tiny_full_model  # noqa: F401
 
 CPU = InferenceConfig(device="cpu")

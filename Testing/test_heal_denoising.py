@@ -12,9 +12,9 @@ from SFUDASegmentLib.config import HEALConfig
 from SFUDASegmentLib.errors import InputError
 from SFUDASegmentLib.heal.denoising import (
     DenoiseResult, entropy_refine, hierarchical_denoise, minmax_normalize, neighbourhood_size,
-    nig_parameters, nig_refine, nig_variance, pseudo_labels, regional_entropy, regional_entropy_ceiling,
-    voxel_entropy)
-from SFUDASegmentLib.progress import ProgressReporter
+    nig_parameters, nig_refine, nig_variance, pseudo_labels, regional_entropy, regional_entropy_ceiling)
+from SFUDASegmentLib.uncertainty.entropy import voxel_entropy
+from SFUDASegmentLib.utils.progress import ProgressReporter
 
 # --------------------------------------------------------------------------------------------
 # Independent reference: the paper's equations written voxel by voxel.

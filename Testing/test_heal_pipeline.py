@@ -17,15 +17,15 @@ import torch
 
 from SFUDASegmentLib.checkpoint import SourceCheckpoint
 from SFUDASegmentLib.config import HEALConfig, InferenceConfig
-from SFUDASegmentLib.diffusion import DDIMSampler
+from SFUDASegmentLib.data.geometry import Geometry, Volume
+from SFUDASegmentLib.data.synthetic import make_phantom_set, render
+from SFUDASegmentLib.diffusion.sampling import DDIMSampler
 from SFUDASegmentLib.errors import CheckpointError, DeviceError, InputError
-from SFUDASegmentLib.geometry import Geometry, Volume
 from SFUDASegmentLib.heal.denoising import hierarchical_denoise
 from SFUDASegmentLib.heal.edge_selection import select_candidate
 from SFUDASegmentLib.heal.pipeline import heal_adapt
-from SFUDASegmentLib.progress import ProgressEvent, ProgressReporter
-from SFUDASegmentLib.result import Result
-from SFUDASegmentLib.synthetic import make_phantom_set, render
+from SFUDASegmentLib.results.result import Result
+from SFUDASegmentLib.utils.progress import ProgressEvent, ProgressReporter
 from tiny_models import TINY_SHAPE, TINY_TIMESTEPS, single_thread, tiny_full_model  # noqa: F401
 
 CPU = InferenceConfig(device="cpu")

@@ -11,7 +11,7 @@ from SFUDASegmentLib.heal.edge_selection import (
     canny_edges, dilate_in_slice, edge_score, label_edges, select_candidate)
 from SFUDASegmentLib.heal.fusion import (
     class_sizes, fusion_weights, size_aware_fusion)
-from SFUDASegmentLib.progress import ProgressReporter
+from SFUDASegmentLib.utils.progress import ProgressReporter
 
 
 def square(size: int = 40, lo: int = 10, hi: int = 30) -> np.ndarray:

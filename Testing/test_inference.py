@@ -12,11 +12,11 @@ import pytest
 import torch
 
 from SFUDASegmentLib.config import InferenceConfig, InputSpec, LabelClass
+from SFUDASegmentLib.data.geometry import Geometry, Volume
 from SFUDASegmentLib.errors import InputError
-from SFUDASegmentLib.geometry import Geometry, Volume
-from SFUDASegmentLib.inference import segment
-from SFUDASegmentLib.preparation import prepare_input
-from SFUDASegmentLib.sliding_window import sliding_window_3d, slicewise_2d
+from SFUDASegmentLib.inference.preparation import prepare_input
+from SFUDASegmentLib.inference.segment import segment
+from SFUDASegmentLib.inference.sliding_window import sliding_window_3d, slicewise_2d
 from tiny_models import SignNet, dice, single_thread, tiny_model, untrained_checkpoint  # noqa: F401
 
 CPU = torch.device("cpu")

@@ -1,4 +1,4 @@
-"""Tests of SFUDASegmentLib.io: formats, geometry, labels, bad input and atomic writes."""
+"""Tests of SFUDASegmentLib.data.io: formats, geometry, labels, bad input and atomic writes."""
 
 from __future__ import annotations
 
@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from SFUDASegmentLib.errors import InputError
-from SFUDASegmentLib.geometry import Geometry, Volume
-from SFUDASegmentLib.io import (ImageNotFoundError, check_label_values, check_same_geometry,
+from SFUDASegmentLib.data.geometry import Geometry, Volume
+from SFUDASegmentLib.data.io import (ImageNotFoundError, check_label_values, check_same_geometry,
                                 from_sitk, read_image, read_label, resample_onto, rgb_to_gray,
                                 to_sitk, validate_image, write_image)
+from SFUDASegmentLib.errors import InputError
 
 
 def _rotation(ax: float, ay: float, az: float) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""Background jobs (``SFUDASegmentLib.jobs``) without Slicer: real child processes.
+"""Background jobs (``SFUDASegmentLib.slicer_bridge.jobs``) without Slicer: real child processes.
 
 A stand-in module written to ``tmp_path`` plays the part of the ``sfuda`` CLI where a test needs
 a long, streaming child (with a grandchild) that costs no computation; the real CLI is run
@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from SFUDASegmentLib import jobs
-from SFUDASegmentLib.jobs import BackgroundJob, JobOutcome, parse_event_line, run_job
+from SFUDASegmentLib.slicer_bridge import jobs
+from SFUDASegmentLib.slicer_bridge.jobs import BackgroundJob, JobOutcome, parse_event_line, run_job
 
 STAND_IN = "fake_sfuda"
 
@@ -235,7 +235,7 @@ def test_child_environment_puts_the_package_first(monkeypatch: pytest.MonkeyPatc
     env = jobs.child_environment({"PYTHONPATH": "/given", "EXTRA": "1"})
     parts = env["PYTHONPATH"].split(os.pathsep)
     assert parts == [jobs.PACKAGE_PARENT, "/given"]
-    assert (Path(parts[0]) / "SFUDASegmentLib" / "jobs.py").is_file()
+    assert (Path(parts[0]) / "SFUDASegmentLib" / "slicer_bridge" / "jobs.py").is_file()
     assert env["EXTRA"] == "1" and env["PYTHONUNBUFFERED"] == "1"
     assert jobs.child_environment()["PYTHONPATH"].split(os.pathsep) == [jobs.PACKAGE_PARENT,
                                                                         "/existing"]

@@ -1,4 +1,4 @@
-"""Tests of SFUDASegmentLib.metrics: hand-computed cases, empty conventions, regions, JSON,
+"""Tests of SFUDASegmentLib.evaluation.metrics: hand-computed cases, empty conventions, regions, JSON,
 and agreement with independent implementations (MedPy, DeepMind surface-distance, brute force)."""
 
 from __future__ import annotations
@@ -11,9 +11,9 @@ import pytest
 from scipy import ndimage
 from scipy.spatial.distance import cdist
 
-from SFUDASegmentLib import metrics as M
 from SFUDASegmentLib.errors import InputError
-from SFUDASegmentLib.progress import ProgressReporter
+from SFUDASegmentLib.evaluation import metrics as M
+from SFUDASegmentLib.utils.progress import ProgressReporter
 
 ANISO_3D = (2.5, 0.8, 1.2)
 ANISO_2D = (0.8, 1.2)

@@ -1,4 +1,4 @@
-"""The MRML bridge (SFUDASegmentLib.mrml) on a real MRML scene from the slicer-core wheel."""
+"""The MRML bridge (SFUDASegmentLib.slicer_bridge.mrml) on a real MRML scene from the slicer-core wheel."""
 
 from __future__ import annotations
 
@@ -9,12 +9,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mrml_scene import mrml_scene  # noqa: F401  (pytest fixture)
-from SFUDASegmentLib import mrml
 from SFUDASegmentLib.config import LabelClass
+from SFUDASegmentLib.data.geometry import Geometry, Volume
 from SFUDASegmentLib.errors import InputError
-from SFUDASegmentLib.geometry import Geometry, Volume
-from SFUDASegmentLib.result import Result, structure_statistics
+from SFUDASegmentLib.results.result import Result, structure_statistics
+from SFUDASegmentLib.slicer_bridge import mrml
+from mrml_scene import mrml_scene  # noqa: F401  (pytest fixture)
 
 FLIP = np.diag([-1.0, -1.0, 1.0])
 CLASSES = [LabelClass(1, "liver", (0.9, 0.3, 0.25)), LabelClass(4, "kidney", (0.3, 0.7, 0.35)),
@@ -71,7 +71,7 @@ def node_array(node) -> np.ndarray:
 
 def test_module_imports_without_slicer():
     code = ("import sys; sys.modules['slicer'] = None; sys.modules['vtk'] = None; "
-            "import SFUDASegmentLib.mrml")
+            "import SFUDASegmentLib.slicer_bridge.mrml")
     repo = Path(__file__).resolve().parents[1]
     done = subprocess.run([sys.executable, "-c", code], cwd=repo, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr

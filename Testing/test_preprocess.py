@@ -1,4 +1,4 @@
-"""Tests of SFUDASegmentLib.preprocess: every transform against its inverse and references."""
+"""Tests of SFUDASegmentLib.data.preprocess: every transform against its inverse and references."""
 
 from __future__ import annotations
 
@@ -7,15 +7,15 @@ import pytest
 import SimpleITK as sitk
 from scipy import ndimage
 
-from SFUDASegmentLib.errors import InputError
-from SFUDASegmentLib.geometry import Geometry, Volume
-from SFUDASegmentLib.io import read_image, to_sitk
-from SFUDASegmentLib.preprocess import (CropBox, bounding_box, center_slice_of_stack, crop_to_box,
+from SFUDASegmentLib.data.geometry import Geometry, Volume
+from SFUDASegmentLib.data.io import read_image, to_sitk
+from SFUDASegmentLib.data.preprocess import (CropBox, bounding_box, center_slice_of_stack, crop_to_box,
                                         crop_with_box, cropped_geometry, denormalize_intensity,
                                         foreground_mask, normalize_intensity, pad_to_min_size,
                                         pad_to_multiple, paste_from_box, resample_probabilities,
                                         resample_to_shape, resample_to_spacing, resampled_geometry,
                                         stack_neighbour_slices, target_shape, unpad)
+from SFUDASegmentLib.errors import InputError
 
 OBLIQUE = Geometry(spacing=(3.0, 0.8, 0.9), origin=(5.0, -7.0, 11.0),
                    direction=tuple(np.array([[0.0, -1.0, 0.0], [0.6, 0.0, -0.8], [0.8, 0.0, 0.6]]).ravel()))

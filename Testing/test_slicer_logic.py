@@ -41,9 +41,9 @@ STAND_IN_SOURCE = textwrap.dedent('''
     import numpy as np
 
     from SFUDASegmentLib.config import LabelClass
-    from SFUDASegmentLib.io import read_image
-    from SFUDASegmentLib.result import Result, structure_statistics
-    from SFUDASegmentLib.result_files import write_result
+    from SFUDASegmentLib.data.io import read_image
+    from SFUDASegmentLib.results.files import write_result
+    from SFUDASegmentLib.results.result import Result, structure_statistics
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--progress")
@@ -118,8 +118,8 @@ def sfuda_module(monkeypatch: pytest.MonkeyPatch, mrml_scene, tmp_path: Path):  
 @pytest.fixture
 def setup(sfuda_module, mrml_scene, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):  # noqa: F811
     """A logic running the stand-in, an input volume node, a checkpoint file, a clean temp."""
-    from SFUDASegmentLib import mrml
-    from SFUDASegmentLib.geometry import Geometry, Volume
+    from SFUDASegmentLib.data.geometry import Geometry, Volume
+    from SFUDASegmentLib.slicer_bridge import mrml
 
     (tmp_path / "standin").mkdir()
     (tmp_path / "standin" / f"{STAND_IN}.py").write_text(STAND_IN_SOURCE)
@@ -145,8 +145,8 @@ def _leftover_folders(temp: Path) -> list[Path]:
 
 
 def test_process_blocking_adds_the_result_and_leaves_the_input(setup) -> None:
-    from SFUDASegmentLib import mrml
     from SFUDASegmentLib.config import LabelClass
+    from SFUDASegmentLib.slicer_bridge import mrml
 
     events: list[dict] = []
     nodes = setup.logic.process(setup.node, str(setup.checkpoint), method="heal",

@@ -1,5 +1,5 @@
 """The Slicer module checked without Slicer: the .ui, the module file (read with ``ast``, never
-imported: it needs Slicer's Qt), and the pure helpers it delegates to (``slicer_support``).
+imported: it needs Slicer's Qt), and the pure helpers it delegates to (``slicer_bridge.panel_support``).
 
 What only runs inside the Slicer application (the widget, PythonQt, slice views, the self-test)
 is checked statically here: widget names, parameter bindings, imports and the ``slicer`` API
@@ -19,9 +19,9 @@ from typing import Any, Optional
 
 import pytest
 
-from SFUDASegmentLib import slicer_support as support
 from SFUDASegmentLib.config import GMMConfig, HEALConfig
 from SFUDASegmentLib.errors import InputError
+from SFUDASegmentLib.slicer_bridge import panel_support as support
 
 REPO = Path(__file__).resolve().parents[1]
 MODULE_FILE = REPO / "SFUDASegment" / "SFUDASegment.py"
@@ -436,7 +436,7 @@ def test_model_card_text_of_a_real_checkpoint(tmp_path: Path) -> None:
     from SFUDASegmentLib.checkpoint import SourceCheckpoint
     from SFUDASegmentLib.config import InputSpec, LabelClass
     from SFUDASegmentLib.nets.unet import ResidualUNet
-    from SFUDASegmentLib.training import default_seg_config
+    from SFUDASegmentLib.training.segmentation import default_seg_config
 
     spec = InputSpec(dims="3d", modality="T2", patch_size=(16, 16, 16))
     classes = [LabelClass(1, "liver", (1.0, 0.5, 0.0)), LabelClass(3, "tumour <core>", (0, 0, 1))]

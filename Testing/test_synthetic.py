@@ -1,4 +1,4 @@
-"""Tests of the seeded two-modality phantoms (SFUDASegmentLib.synthetic)."""
+"""Tests of the seeded two-modality phantoms (SFUDASegmentLib.data.synthetic)."""
 
 from __future__ import annotations
 
@@ -7,10 +7,10 @@ import pytest
 from scipy import ndimage
 
 from SFUDASegmentLib.config import LabelClass
-from SFUDASegmentLib.errors import InputError
-from SFUDASegmentLib.synthetic import (
+from SFUDASegmentLib.data.synthetic import (
     PHANTOM_CLASSES, SOURCE_CONTRASTS, TARGET_CONTRASTS, make_anatomy, make_phantom,
     make_phantom_set, phantom_geometry, render, render_settings)
+from SFUDASegmentLib.errors import InputError
 
 SHAPE_2D = (64, 64)
 SHAPE_3D = (16, 32, 32)

@@ -11,13 +11,13 @@ import torch
 
 from SFUDASegmentLib.checkpoint import SourceCheckpoint
 from SFUDASegmentLib.config import InferenceConfig, InputSpec, TrainingConfig
+from SFUDASegmentLib.data.io import read_image, write_image
+from SFUDASegmentLib.data.synthetic import PHANTOM_CLASSES, Phantom, make_phantom_set
 from SFUDASegmentLib.errors import CheckpointError, InputError, OperationCancelled
-from SFUDASegmentLib.inference import segment
-from SFUDASegmentLib.io import read_image, write_image
-from SFUDASegmentLib.progress import ProgressEvent, ProgressReporter
-from SFUDASegmentLib.synthetic import PHANTOM_CLASSES, Phantom, make_phantom_set
-from SFUDASegmentLib.patch_sampler import TrainingCase
-from SFUDASegmentLib.training import TrainingOutcome, _split_cases, default_seg_config, train_source
+from SFUDASegmentLib.inference.segment import segment
+from SFUDASegmentLib.training.patch_sampler import TrainingCase
+from SFUDASegmentLib.training.segmentation import TrainingOutcome, _split_cases, default_seg_config, train_source
+from SFUDASegmentLib.utils.progress import ProgressEvent, ProgressReporter
 from tiny_models import TINY_GAP, dice, single_thread, tiny_model  # noqa: F401
 
 CLASSES = list(PHANTOM_CLASSES)

@@ -25,13 +25,13 @@ import torch
 from SFUDASegmentLib.checkpoint import DiffusionPart, SourceCheckpoint
 from SFUDASegmentLib.config import (DiffusionNetConfig, DiffusionTrainingConfig, GMMConfig, InputSpec,
                                     LabelClass, ScheduleConfig, SegNetConfig, TrainingConfig)
-from SFUDASegmentLib.diffusion_training import image_to_unit_range, train_diffusion
-from SFUDASegmentLib.geometry import Volume
+from SFUDASegmentLib.data.geometry import Volume
+from SFUDASegmentLib.data.synthetic import PHANTOM_CLASSES, Phantom, make_phantom_set
+from SFUDASegmentLib.diffusion.training import image_to_unit_range, train_diffusion
 from SFUDASegmentLib.gmm.fitting import fit_prototypes
+from SFUDASegmentLib.inference.preparation import prepare_training_case
 from SFUDASegmentLib.nets.unet import ResidualUNet
-from SFUDASegmentLib.preparation import prepare_training_case
-from SFUDASegmentLib.synthetic import PHANTOM_CLASSES, Phantom, make_phantom_set
-from SFUDASegmentLib.training import TrainingOutcome, default_seg_config, train_source
+from SFUDASegmentLib.training.segmentation import TrainingOutcome, default_seg_config, train_source
 
 TINY_SHAPE = (48, 48)
 TINY_CHANNELS = (8, 16, 32)

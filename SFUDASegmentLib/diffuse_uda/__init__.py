@@ -4,7 +4,7 @@ resumable end-to-end pipeline.
 
 Imports are lazy: the pipeline pulls in training and diffusion code."""
 
-from ..lazy import lazy_exports
+from ..utils.lazy import lazy_exports
 
 _EXPORTS = {
     "fourier_amplitude_transfer": ".fourier", "adaptive_beta": ".fourier",

@@ -35,14 +35,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..augmentation import random_affine, random_flips, random_intensity
 from ..config import InputSpec, SegNetConfig
-from ..device import autocast, resolve_device
 from ..errors import InputError
-from ..losses import dice_ce_loss
 from ..nets.unet import ResidualUNet
-from ..patch_sampler import PatchSampler, TrainingCase
-from ..progress import ProgressReporter, report
+from ..training.augmentation import random_affine, random_flips, random_intensity
+from ..training.losses import dice_ce_loss
+from ..training.patch_sampler import PatchSampler, TrainingCase
+from ..utils.device import autocast, resolve_device
+from ..utils.progress import ProgressReporter, report
 from .fourier import fourier_restyle_batch
 
 

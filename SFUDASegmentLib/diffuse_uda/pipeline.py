@@ -45,17 +45,17 @@ import torch
 from ..checkpoint import DiffusionPart, SourceCheckpoint
 from ..config import (DiffusionTrainingConfig, InputSpec, LabelClass, ScheduleConfig, TrainingConfig,
                       to_dict)
-from ..device import StageTimer, resolve_device
-from ..diffusion_training import image_to_unit_range, train_diffusion
+from ..data.geometry import Geometry, Volume
+from ..data.io import check_same_geometry
+from ..data.labels import values_to_indices
+from ..data.preprocess import resampled_geometry
+from ..diffusion.training import image_to_unit_range, train_diffusion
 from ..errors import InputError
-from ..geometry import Geometry, Volume
-from ..io import check_same_geometry
-from ..labels import values_to_indices
-from ..patch_sampler import TrainingCase
-from ..preparation import PreparedInput, labels_on_network_grid, pad_training_case, prepare_input
-from ..preprocess import resampled_geometry
-from ..progress import ProgressReporter, report
-from ..training import default_diffusion_config, default_seg_config, train_segmentation
+from ..inference.preparation import PreparedInput, labels_on_network_grid, pad_training_case, prepare_input
+from ..training.patch_sampler import TrainingCase
+from ..training.segmentation import default_diffusion_config, default_seg_config, train_segmentation
+from ..utils.device import StageTimer, resolve_device
+from ..utils.progress import ProgressReporter, report
 from .ascplus import ASCPlusConfig, train_ascplus
 from .deformation import DeformationSettings, settings_field, warp_image, warp_labels
 from .fourier import adaptive_beta, fourier_amplitude_transfer

@@ -20,9 +20,9 @@ from scipy import ndimage
 
 from ..config import InferenceConfig, InputSpec, SegNetConfig
 from ..errors import InputError
+from ..inference.preparation import predict_indices
 from ..nets.unet import ResidualUNet
-from ..preparation import predict_indices
-from ..progress import ProgressReporter, report
+from ..utils.progress import ProgressReporter, report
 
 
 def ensemble_probabilities(state_dicts: Sequence[dict[str, torch.Tensor]], seg_config: SegNetConfig,

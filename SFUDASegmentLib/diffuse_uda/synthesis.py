@@ -4,7 +4,7 @@ A *template* is a label map (class indices) with its body mask in the diffusion 
 dimensionality (``(Y, X)`` for a 2D network, ``(Z, Y, X)`` for a 3D one). Pair ``i`` is drawn
 from template ``i mod len(templates)``: the template is optionally deformed (:mod:`.deformation`,
 nearest neighbour for the labels and the body), turned into the condition (one-hot classes +
-body channel, :func:`~SFUDASegmentLib.diffusion_training.make_condition`) and an image is
+body channel, :func:`~SFUDASegmentLib.diffusion.training.make_condition`) and an image is
 sampled for it (DDIM or DDPM, batched over pairs of the same shape, halving the batch on
 out-of-memory). Images come back in the library's normalised (z-score) units.
 
@@ -33,17 +33,17 @@ import torch
 
 from ..checkpoint import DiffusionPart, SourceCheckpoint
 from ..config import LabelClass
-from ..device import free_memory, inference_layout, map_in_chunks, resolve_device
-from ..diffusion import DDIMSampler, DDPMSampler, NoiseSchedule
-from ..diffusion_training import make_condition, unit_range_to_image
+from ..data.geometry import Geometry, Volume
+from ..data.io import read_image, write_image
+from ..data.labels import indices_to_values, values_to_indices
+from ..data.preprocess import resample_to_shape, resampled_geometry
+from ..diffusion.sampling import DDIMSampler, DDPMSampler, NoiseSchedule
+from ..diffusion.training import make_condition, unit_range_to_image
 from ..errors import InputError
-from ..geometry import Geometry, Volume
-from ..io import read_image, write_image
-from ..labels import indices_to_values, values_to_indices
+from ..inference.preparation import prepare_input
 from ..nets.diffusion_unet import ConditionalDiffusionUNet
-from ..preparation import prepare_input
-from ..preprocess import resample_to_shape, resampled_geometry
-from ..progress import ProgressReporter, report
+from ..utils.device import free_memory, inference_layout, map_in_chunks, resolve_device
+from ..utils.progress import ProgressReporter, report
 from .deformation import DeformationSettings, settings_field, warp_labels
 
 SAMPLERS = ("ddim", "ddpm")

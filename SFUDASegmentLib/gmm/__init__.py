@@ -3,7 +3,7 @@ alignment of the target embedding to them.
 
 Imports are lazy: the adaptation imports ``inference`` and the training code."""
 
-from ..lazy import lazy_exports
+from ..utils.lazy import lazy_exports
 
 _EXPORTS = {'gmm_adapt': '.adaptation', 'fit_prototypes': '.fitting'}
 __all__ = sorted(_EXPORTS)

@@ -21,13 +21,13 @@ import torch.nn.functional as F
 
 from ..checkpoint import SourceCheckpoint
 from ..config import GMMConfig, InferenceConfig, to_dict
-from ..device import StageTimer, autocast, free_memory, resolve_device
+from ..data.geometry import Volume
 from ..errors import InputError
-from ..geometry import Volume
-from ..inference import result_from_prediction
-from ..preparation import PreparedInput, predict_indices, prepare_input
-from ..progress import ProgressReporter, report
-from ..result import Result
+from ..inference.preparation import PreparedInput, predict_indices, prepare_input
+from ..inference.segment import result_from_prediction
+from ..results.result import Result
+from ..utils.device import StageTimer, autocast, free_memory, resolve_device
+from ..utils.progress import ProgressReporter, report
 from .embeddings import flatten_embedding, random_input_batch
 from .prototypes import ClassPrototypes, check_compatible
 from .swd import random_directions, sliced_wasserstein

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from ..config import InputSpec
-from ..sliding_window import slice_stack
+from ..inference.sliding_window import slice_stack
 
 
 def input_batches(image: np.ndarray, spec: InputSpec, batch_size: int,

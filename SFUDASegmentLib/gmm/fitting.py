@@ -11,10 +11,10 @@ import torch.nn.functional as F
 
 from ..checkpoint import SourceCheckpoint
 from ..config import GMMConfig, to_dict
-from ..device import autocast, resolve_device
-from ..geometry import Volume
-from ..preparation import prepare_training_case
-from ..progress import ProgressReporter, report
+from ..data.geometry import Volume
+from ..inference.preparation import prepare_training_case
+from ..utils.device import autocast, resolve_device
+from ..utils.progress import ProgressReporter, report
 from .embeddings import input_batches
 from .prototypes import ClassPrototypes, PrototypeAccumulator
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from ..result import Result
+from ..results.result import Result
 
 _PANEL = 360
 _MARGIN = 30

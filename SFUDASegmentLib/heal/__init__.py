@@ -3,7 +3,7 @@ diffusion candidates, size-aware fusion).
 
 Imports are lazy: the pipeline imports ``inference``, which uses this package's denoising."""
 
-from ..lazy import lazy_exports
+from ..utils.lazy import lazy_exports
 
 _EXPORTS = {'heal_adapt': '.pipeline'}
 __all__ = sorted(_EXPORTS)

@@ -25,14 +25,13 @@ from scipy.ndimage import uniform_filter
 
 from ..config import HEALConfig
 from ..errors import InputError
-from ..progress import ProgressReporter, report
+from ..uncertainty.entropy import check_probabilities, spatial_chunks, voxel_entropy
+from ..utils.progress import ProgressReporter, report
 
 #: An axis whose spacing exceeds this multiple of the finest spacing gets a window of 1 voxel.
 ANISOTROPY_RATIO = 3.0
 #: Number of bins of the histogram variant of the regional entropy (public code).
 HISTOGRAM_BINS = 10
-#: Largest allowed deviation of ``sum_c P(c|v)`` from 1 (float16 probabilities round).
-SUM_TOLERANCE = 1e-2
 
 REGIONAL_MODES = ("mean", "histogram")
 REFINE_BASES = ("entropy", "pseudo")
@@ -73,80 +72,6 @@ def _label_dtype(num_classes: int) -> np.dtype:
     return np.dtype(np.uint8) if num_classes <= 256 else np.dtype(np.int32)
 
 
-def _check_probabilities(probs: np.ndarray) -> None:
-    """Raise :class:`InputError` unless ``probs`` is a float ``(C, *S)`` array with C >= 2."""
-    if not isinstance(probs, np.ndarray) or not np.issubdtype(probs.dtype, np.floating):
-        raise InputError(
-            "Class probabilities must be a floating-point numpy array shaped (C, *S); got "
-            f"{type(probs).__name__} {getattr(probs, 'dtype', '')}. Pass the softmax output "
-            "of the source model.")
-    if probs.ndim < 2 or probs.shape[0] < 2:
-        raise InputError(
-            f"Class probabilities must be shaped (C, *S) with C >= 2 classes (background "
-            f"first); got shape {probs.shape}. For a single sigmoid output p, stack "
-            "[1 - p, p] along a new first axis.")
-    if probs.size == 0:
-        raise InputError(f"Class probabilities are empty (shape {probs.shape}).")
-
-
-def _spatial_chunks(spatial_shape: Sequence[int], num_channels: int,
-                    chunk_elements: int) -> list[slice]:
-    """Slices along spatial axis 0 so that one chunk of ``(C, rows, ...)`` has about
-    ``chunk_elements`` elements (at least one row)."""
-    per_row = num_channels * int(np.prod(spatial_shape[1:], dtype=np.int64))
-    rows = max(1, int(chunk_elements // max(per_row, 1)))
-    return [slice(start, min(start + rows, spatial_shape[0]))
-            for start in range(0, spatial_shape[0], rows)]
-
-
-def voxel_entropy(probs: np.ndarray, base: float = 2.0, clip: float = 1e-7,
-                  chunk_elements: int = 1 << 24) -> np.ndarray:
-    """Shannon entropy of the class distribution at every voxel.
-
-    ``H(v) = -sum_c p_c log_base p_c`` with ``p`` clipped to ``[clip, 1]`` (the public code
-    clips at 1e-7 so that ``0 log 0`` is finite). Computed in float32 even for float16 input,
-    chunk by chunk along spatial axis 0 so that memory stays bounded on large volumes
-    (e.g. ``(4, 155, 240, 240)``).
-
-    Args:
-        probs: ``(C, *S)`` class probabilities, float16/32/64, summing to 1 over C
-            (within ``SUM_TOLERANCE``).
-        base: logarithm base: 2 (HEAL paper, bits) or ``e`` (public code, nats).
-        clip: lower clip of the probabilities.
-        chunk_elements: about how many probability values are converted to float32 at once.
-
-    Returns:
-        ``(*S)`` float32 entropy, in ``[0, log_base C]`` (up to the clipping).
-
-    Raises:
-        InputError: wrong shape or dtype, NaN/inf, values outside [0, 1] or not summing to 1
-            (e.g. logits instead of probabilities), or an invalid base.
-    """
-    _check_probabilities(probs)
-    if not base > 0 or base == 1.0:
-        raise InputError(f"Entropy base must be positive and not 1 (2 or e); got {base}.")
-    if not 0 < clip < 1:
-        raise InputError(f"Probability clip must be in (0, 1); got {clip}.")
-    spatial = probs.shape[1:]
-    out = np.empty(spatial, dtype=np.float32)
-    log_base = np.float32(np.log(base))
-    for rows in _spatial_chunks(spatial, probs.shape[0], chunk_elements):
-        p = probs[:, rows].astype(np.float32)
-        if not np.all(np.isfinite(p)):
-            raise InputError("Class probabilities contain NaN or infinite values; check the "
-                             "source model's output (e.g. a corrupt checkpoint or input).")
-        total = p.sum(axis=0)
-        if p.min() < -SUM_TOLERANCE or p.max() > 1 + SUM_TOLERANCE or \
-                np.abs(total - 1).max() > SUM_TOLERANCE:
-            raise InputError(
-                "Values along the class axis are not probabilities (each in [0, 1], summing "
-                f"to 1; found range [{p.min():.3g}, {p.max():.3g}], sums up to "
-                f"{total.max():.3g}). Apply softmax over the class axis (axis 0) first.")
-        np.clip(p, clip, 1.0, out=p)
-        out[rows] = -(p * np.log(p)).sum(axis=0) / log_base
-    return out
-
-
 def pseudo_labels(probs: np.ndarray, chunk_elements: int = 1 << 24) -> np.ndarray:
     """``Y_T = argmax_c P``, chunked along spatial axis 0.
 
@@ -159,10 +84,10 @@ def pseudo_labels(probs: np.ndarray, chunk_elements: int = 1 << 24) -> np.ndarra
     Returns:
         ``(*S)`` class indices, uint8 (int32 for more than 256 classes).
     """
-    _check_probabilities(probs)
+    check_probabilities(probs)
     spatial = probs.shape[1:]
     out = np.empty(spatial, dtype=_label_dtype(probs.shape[0]))
-    for rows in _spatial_chunks(spatial, probs.shape[0], chunk_elements):
+    for rows in spatial_chunks(spatial, probs.shape[0], chunk_elements):
         out[rows] = np.argmax(probs[:, rows], axis=0)
     return out
 
@@ -458,7 +383,7 @@ def hierarchical_denoise(probs: np.ndarray, config: HEALConfig,
     Returns:
         :class:`DenoiseResult` with every intermediate.
     """
-    _check_probabilities(probs)
+    check_probabilities(probs)
     if probs.ndim not in (3, 4):
         raise InputError(f"Class probabilities must be (C, y, x) or (C, z, y, x); got shape "
                          f"{probs.shape}.")

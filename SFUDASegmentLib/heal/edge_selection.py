@@ -21,7 +21,7 @@ from scipy.ndimage import binary_dilation
 
 from ..config import HEALConfig
 from ..errors import InputError
-from ..progress import ProgressReporter, report
+from ..utils.progress import ProgressReporter, report
 
 #: ITU-R BT.601 luma weights, used to turn RGB candidates (n, y, x, 3) into grey images.
 LUMA_WEIGHTS = np.array([0.299, 0.587, 0.114], dtype=np.float32)

@@ -15,16 +15,16 @@ import torch
 
 from ..checkpoint import SourceCheckpoint
 from ..config import HEALConfig, InferenceConfig
-from ..device import StageTimer, free_memory, map_in_chunks, resolve_device
-from ..diffusion import DDIMSampler, DDPMSampler, NoiseSchedule
-from ..diffusion_training import image_to_unit_range, make_condition, unit_range_to_image
+from ..data.geometry import Volume
+from ..data.labels import indices_to_values
+from ..diffusion.sampling import DDIMSampler, DDPMSampler, NoiseSchedule
+from ..diffusion.training import image_to_unit_range, make_condition, unit_range_to_image
 from ..errors import CheckpointError, InputError
-from ..geometry import Volume
-from ..inference import result_from_prediction
-from ..labels import indices_to_values
-from ..preparation import PreparedInput, predict_indices, prepare_input
-from ..progress import ProgressReporter, report
-from ..result import Result, structure_statistics
+from ..inference.preparation import PreparedInput, predict_indices, prepare_input
+from ..inference.segment import result_from_prediction
+from ..results.result import Result, structure_statistics
+from ..utils.device import StageTimer, free_memory, map_in_chunks, resolve_device
+from ..utils.progress import ProgressReporter, report
 from .denoising import hierarchical_denoise
 from .edge_selection import select_candidate
 from .fusion import size_aware_fusion

@@ -24,12 +24,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from SFUDASegmentLib.checkpoint import SourceCheckpoint  # noqa: E402
 from SFUDASegmentLib.config import (DiffusionNetConfig, DiffusionTrainingConfig, GMMConfig,  # noqa: E402
                                     HEALConfig, InferenceConfig, InputSpec, TrainingConfig)
+from SFUDASegmentLib.data.synthetic import make_phantom_set  # noqa: E402
+from SFUDASegmentLib.evaluation.metrics import dice  # noqa: E402
 from SFUDASegmentLib.gmm import fit_prototypes, gmm_adapt  # noqa: E402
 from SFUDASegmentLib.heal import heal_adapt  # noqa: E402
-from SFUDASegmentLib.inference import segment  # noqa: E402
-from SFUDASegmentLib.metrics import dice  # noqa: E402
-from SFUDASegmentLib.synthetic import make_phantom_set  # noqa: E402
-from SFUDASegmentLib.training import train_source  # noqa: E402
+from SFUDASegmentLib.inference.segment import segment  # noqa: E402
+from SFUDASegmentLib.training.segmentation import train_source  # noqa: E402
 
 METHODS = ("none", "hd", "hd+egs", "heal", "gmm")
 

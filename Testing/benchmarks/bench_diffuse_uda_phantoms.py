@@ -37,14 +37,14 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from SFUDASegmentLib.config import InferenceConfig, InputSpec, TrainingConfig  # noqa: E402
-from SFUDASegmentLib.device import resolve_device  # noqa: E402
+from SFUDASegmentLib.data.labels import values_to_indices  # noqa: E402
+from SFUDASegmentLib.data.synthetic import PHANTOM_CLASSES, make_phantom_set  # noqa: E402
 from SFUDASegmentLib.diffuse_uda.pipeline import DiffuseUDAConfig, run_diffuse_uda  # noqa: E402
-from SFUDASegmentLib.labels import values_to_indices  # noqa: E402
-from SFUDASegmentLib.metrics import dice  # noqa: E402
+from SFUDASegmentLib.evaluation.metrics import dice  # noqa: E402
+from SFUDASegmentLib.inference.preparation import predict_indices, prepare_input, prepare_training_case  # noqa: E402
 from SFUDASegmentLib.nets.unet import ResidualUNet  # noqa: E402
-from SFUDASegmentLib.preparation import predict_indices, prepare_input, prepare_training_case  # noqa: E402
-from SFUDASegmentLib.synthetic import PHANTOM_CLASSES, make_phantom_set  # noqa: E402
-from SFUDASegmentLib.training import default_seg_config, train_segmentation  # noqa: E402
+from SFUDASegmentLib.training.segmentation import default_seg_config, train_segmentation  # noqa: E402
+from SFUDASegmentLib.utils.device import resolve_device  # noqa: E402
 
 VARIANTS = ("source-only", "ascplus", "diffuse-uda", "no-fourier", "no-deform", "no-synthesis")
 

@@ -16,10 +16,10 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from SFUDASegmentLib.config import InferenceConfig, InputSpec, TrainingConfig  # noqa: E402
-from SFUDASegmentLib.inference import segment  # noqa: E402
-from SFUDASegmentLib.metrics import dice  # noqa: E402
-from SFUDASegmentLib.synthetic import make_phantom_set  # noqa: E402
-from SFUDASegmentLib.training import train_source  # noqa: E402
+from SFUDASegmentLib.data.synthetic import make_phantom_set  # noqa: E402
+from SFUDASegmentLib.evaluation.metrics import dice  # noqa: E402
+from SFUDASegmentLib.inference.segment import segment  # noqa: E402
+from SFUDASegmentLib.training.segmentation import train_source  # noqa: E402
 
 
 def main() -> None:

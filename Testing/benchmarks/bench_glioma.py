@@ -28,8 +28,8 @@ from SFUDASegmentLib.config import (DiffusionNetConfig, DiffusionTrainingConfig,
                                     HEALConfig, InferenceConfig, InputSpec, TrainingConfig)
 from SFUDASegmentLib.gmm import fit_prototypes, gmm_adapt  # noqa: E402
 from SFUDASegmentLib.heal import heal_adapt  # noqa: E402
-from SFUDASegmentLib.inference import segment  # noqa: E402
-from SFUDASegmentLib.training import train_source  # noqa: E402
+from SFUDASegmentLib.inference.segment import segment  # noqa: E402
+from SFUDASegmentLib.training.segmentation import train_source  # noqa: E402
 from glioma_cases import CASES, CLASSES, DEFAULT_DATA, print_case, read_labels, read_scans, scores  # noqa: E402
 
 

@@ -55,12 +55,12 @@ if str(REPO) not in sys.path:
 from SFUDASegmentLib.checkpoint import SourceCheckpoint  # noqa: E402
 from SFUDASegmentLib.cli import make_reporter  # noqa: E402
 from SFUDASegmentLib.config import InferenceConfig, InputSpec, TrainingConfig  # noqa: E402
-from SFUDASegmentLib.device import StageTimer, resolve_device  # noqa: E402
+from SFUDASegmentLib.data.geometry import Volume  # noqa: E402
 from SFUDASegmentLib.diffuse_uda.pipeline import DiffuseUDAConfig, run_diffuse_uda  # noqa: E402
-from SFUDASegmentLib.geometry import Volume  # noqa: E402
-from SFUDASegmentLib.inference import segment  # noqa: E402
-from SFUDASegmentLib.progress import ProgressReporter  # noqa: E402
-from SFUDASegmentLib.training import default_seg_config, train_source  # noqa: E402
+from SFUDASegmentLib.inference.segment import segment  # noqa: E402
+from SFUDASegmentLib.training.segmentation import default_seg_config, train_source  # noqa: E402
+from SFUDASegmentLib.utils.device import StageTimer, resolve_device  # noqa: E402
+from SFUDASegmentLib.utils.progress import ProgressReporter  # noqa: E402
 from glioma_cases import CASES, CLASSES, COLUMNS, DEFAULT_DATA, print_case, read_labels, read_scans, scores  # noqa: E402
 
 ROWS = ("source-only", "ascplus", "diffuse-uda")

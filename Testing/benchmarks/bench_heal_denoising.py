@@ -24,11 +24,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from SFUDASegmentLib.checkpoint import SourceCheckpoint  # noqa: E402
 from SFUDASegmentLib.config import HEALConfig, InferenceConfig, InputSpec, TrainingConfig  # noqa: E402
+from SFUDASegmentLib.data.synthetic import make_phantom_set  # noqa: E402
+from SFUDASegmentLib.evaluation.metrics import dice  # noqa: E402
 from SFUDASegmentLib.heal.denoising import hierarchical_denoise  # noqa: E402
-from SFUDASegmentLib.metrics import dice  # noqa: E402
-from SFUDASegmentLib.preparation import predict_indices, prepare_input  # noqa: E402
-from SFUDASegmentLib.synthetic import make_phantom_set  # noqa: E402
-from SFUDASegmentLib.training import train_source  # noqa: E402
+from SFUDASegmentLib.inference.preparation import predict_indices, prepare_input  # noqa: E402
+from SFUDASegmentLib.training.segmentation import train_source  # noqa: E402
 
 VARIANTS = {"Y* tau2 0.5": HEALConfig(tau2=0.5), "Y* histogram E": HEALConfig(regional_entropy="histogram")}
 

@@ -35,10 +35,10 @@ def build_checkpoint(dims: str, base: int):
 
     from SFUDASegmentLib.checkpoint import DiffusionPart, SourceCheckpoint
     from SFUDASegmentLib.config import DiffusionNetConfig, InputSpec, ScheduleConfig
+    from SFUDASegmentLib.data.synthetic import PHANTOM_CLASSES
     from SFUDASegmentLib.nets.diffusion_unet import ConditionalDiffusionUNet
     from SFUDASegmentLib.nets.unet import ResidualUNet
-    from SFUDASegmentLib.synthetic import PHANTOM_CLASSES
-    from SFUDASegmentLib.training import default_seg_config
+    from SFUDASegmentLib.training.segmentation import default_seg_config
 
     torch.manual_seed(0)
     spec = InputSpec(dims=dims, modality="MR", patch_size=(96, 96, 96) if dims == "3d" else (128, 128))
@@ -55,9 +55,9 @@ def run_one(name: str, sampler: str, device: str, base: int, candidates: int) ->
     import torch
 
     from SFUDASegmentLib.config import HEALConfig, InferenceConfig
+    from SFUDASegmentLib.data.synthetic import make_phantom
     from SFUDASegmentLib.heal import heal_adapt
-    from SFUDASegmentLib.inference import segment
-    from SFUDASegmentLib.synthetic import make_phantom
+    from SFUDASegmentLib.inference.segment import segment
 
     case = CASES[name]
     shape = case["shape"]

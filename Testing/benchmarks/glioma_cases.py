@@ -14,9 +14,9 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from SFUDASegmentLib.config import parse_labels  # noqa: E402
-from SFUDASegmentLib.geometry import Volume  # noqa: E402
-from SFUDASegmentLib.io import read_image, read_label  # noqa: E402
-from SFUDASegmentLib.metrics import BRATS_REGIONS, evaluate  # noqa: E402
+from SFUDASegmentLib.data.geometry import Volume  # noqa: E402
+from SFUDASegmentLib.data.io import read_image, read_label  # noqa: E402
+from SFUDASegmentLib.evaluation.metrics import BRATS_REGIONS, evaluate  # noqa: E402
 
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "tcga_glioma"
 CASES = ("TCGA-DU-7294", "OtherEXampleFromTCIA")

@@ -1,6 +1,6 @@
 """Segment an image with a source checkpoint (method "none": no adaptation).
 
-Returns the library's :class:`~SFUDASegmentLib.result.Result` in the input's geometry: labels,
+Returns the library's :class:`~SFUDASegmentLib.results.result.Result` in the input's geometry: labels,
 optionally class probabilities (float16 by default) and their voxel entropy, and per-structure
 statistics. With ``output="labels"`` no probability map of every class is ever held in float32.
 """
@@ -12,16 +12,16 @@ from typing import Optional
 import numpy as np
 import torch
 
-from .checkpoint import SourceCheckpoint
-from .config import InferenceConfig
-from .device import StageTimer, free_memory, resolve_device
-from .errors import InputError
-from .geometry import Volume
-from .heal.denoising import voxel_entropy
-from .labels import indices_to_values
+from ..checkpoint import SourceCheckpoint
+from ..config import InferenceConfig
+from ..data.geometry import Volume
+from ..data.labels import indices_to_values
+from ..errors import InputError
+from ..results.result import Result, structure_statistics
+from ..uncertainty.entropy import voxel_entropy
+from ..utils.device import StageTimer, free_memory, resolve_device
+from ..utils.progress import ProgressReporter
 from .preparation import PreparedInput, predict_indices, prepare_input
-from .progress import ProgressReporter
-from .result import Result, structure_statistics
 
 OUTPUTS = ("labels", "probabilities")
 

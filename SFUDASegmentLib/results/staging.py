@@ -11,7 +11,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Optional
 
-from .metrics import to_jsonable
+from ..evaluation.metrics import to_jsonable
 
 
 class StagedOutputDir:

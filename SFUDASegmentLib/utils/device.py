@@ -12,7 +12,7 @@ from typing import Callable, Iterator, Sequence, TypeVar
 
 import torch
 
-from .errors import DeviceError
+from ..errors import DeviceError
 
 T = TypeVar("T")
 

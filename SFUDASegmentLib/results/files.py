@@ -16,11 +16,11 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from .config import LabelClass
-from .geometry import Volume
-from .io import read_image, write_image
-from .outputs import StagedOutputDir
+from ..config import LabelClass
+from ..data.geometry import Volume
+from ..data.io import read_image, write_image
 from .result import Result
+from .staging import StagedOutputDir
 
 
 def write_result(result: Result, out_dir: str | Path, input_path: Optional[str] = None,

@@ -17,18 +17,18 @@ from typing import Any, Optional, Sequence
 import numpy as np
 import torch
 
-from .augmentation import random_affine, random_flips, random_intensity
-from .checkpoint import DiffusionPart, SourceCheckpoint
-from .config import (DiffusionNetConfig, DiffusionTrainingConfig, InferenceConfig, InputSpec,
+from ..checkpoint import DiffusionPart, SourceCheckpoint
+from ..config import (DiffusionNetConfig, DiffusionTrainingConfig, InferenceConfig, InputSpec,
                      LabelClass, ScheduleConfig, SegNetConfig, TrainingConfig, to_dict)
-from .device import autocast, resolve_device
-from .errors import CheckpointError, InputError
-from .geometry import Volume
+from ..data.geometry import Volume
+from ..errors import CheckpointError, InputError
+from ..inference.preparation import prepare_training_case, predict_indices
+from ..nets.unet import ResidualUNet
+from ..utils.device import autocast, resolve_device
+from ..utils.progress import ProgressReporter, report
+from .augmentation import random_affine, random_flips, random_intensity
 from .losses import dice_ce_loss
-from .nets.unet import ResidualUNet
 from .patch_sampler import PatchSampler, TrainingCase
-from .preparation import prepare_training_case, predict_indices
-from .progress import ProgressReporter, report
 
 
 @dataclass
@@ -262,7 +262,7 @@ def train_source(images: Sequence[Volume], labels: Sequence[Volume], classes: li
     part = None
     diffusion_losses: list[float] = []
     if diffusion is not None:
-        from .diffusion_training import image_to_unit_range, train_diffusion
+        from ..diffusion.training import image_to_unit_range, train_diffusion
 
         net_config = diffusion_config or default_diffusion_config(spec, num_classes)
         scale = 3.0
@@ -293,6 +293,6 @@ def train_source(images: Sequence[Volume], labels: Sequence[Volume], classes: li
 
 
 def _version() -> str:
-    from . import __version__
+    from .. import __version__
 
     return __version__

@@ -39,7 +39,7 @@ from typing import IO, Any, Callable, Optional, Sequence
 DEFAULT_MODULE = "SFUDASegmentLib.cli"
 
 #: The folder that holds the ``SFUDASegmentLib`` package (put on the child's PYTHONPATH).
-PACKAGE_PARENT = str(Path(__file__).resolve().parent.parent)
+PACKAGE_PARENT = str(Path(__file__).resolve().parents[2])
 
 #: Non-JSON stderr lines kept for :meth:`BackgroundJob.error_message`.
 STDERR_TAIL_LINES = 40

@@ -12,10 +12,10 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from .config import InferenceConfig, InputSpec
-from .device import autocast, map_in_chunks
-from .errors import InputError
-from .progress import ProgressReporter, report
+from ..config import InferenceConfig, InputSpec
+from ..errors import InputError
+from ..utils.device import autocast, map_in_chunks
+from ..utils.progress import ProgressReporter, report
 
 
 def gaussian_importance(patch: Sequence[int], sigma_scale: float = 0.125) -> torch.Tensor:

@@ -1,6 +1,6 @@
 """The one result object every method returns (no adaptation, HEAL, GMM).
 
-The same object feeds the Slicer scene (``mrml.py``), the CLI's files (``cli.py``) and the tests.
+The same object feeds the Slicer scene (``slicer_bridge/mrml.py``), the CLI's files (``cli.py``) and the tests.
 All arrays are in the **input's** geometry and array convention (see ``geometry.py``).
 """
 
@@ -11,8 +11,8 @@ from typing import Any, Optional
 
 import numpy as np
 
-from .config import LabelClass
-from .geometry import Geometry
+from ..config import LabelClass
+from ..data.geometry import Geometry
 
 
 @dataclass

@@ -20,10 +20,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .config import ScheduleConfig
-from .device import autocast
-from .errors import InputError
-from .progress import ProgressReporter, report
+from ..config import ScheduleConfig
+from ..errors import InputError
+from ..utils.device import autocast
+from ..utils.progress import ProgressReporter, report
 
 NoisePredictor = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 SCHEDULE_KINDS = ("cosine", "linear")

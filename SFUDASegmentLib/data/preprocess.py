@@ -27,7 +27,7 @@ import numpy as np
 from scipy import ndimage
 from skimage.filters import threshold_otsu
 
-from .errors import InputError
+from ..errors import InputError
 from .geometry import Geometry
 
 IntOrSeq = Union[int, Sequence[int]]

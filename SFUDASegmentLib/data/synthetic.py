@@ -31,8 +31,8 @@ from typing import Optional, Sequence
 import numpy as np
 from scipy import ndimage
 
-from .config import LabelClass
-from .errors import InputError
+from ..config import LabelClass
+from ..errors import InputError
 from .geometry import Geometry, Volume
 
 ORGAN, VESSEL, LESION = 1, 2, 3

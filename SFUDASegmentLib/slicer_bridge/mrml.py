@@ -34,10 +34,10 @@ from typing import Any, Iterable, Mapping, Optional, Sequence
 
 import numpy as np
 
-from .config import LabelClass
-from .errors import InputError
-from .geometry import Geometry, Volume
-from .result import Result
+from ..config import LabelClass
+from ..data.geometry import Geometry, Volume
+from ..errors import InputError
+from ..results.result import Result
 
 #: Colour tables tried, in order, after the requested one (procedural tables, always present).
 FALLBACK_COLOR_TABLES: tuple[str, ...] = ("Iron", "Rainbow", "Grey")

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Optional
 
-from .errors import OperationCancelled
+from ..errors import OperationCancelled
 
 
 @dataclass(frozen=True)

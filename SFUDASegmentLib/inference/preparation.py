@@ -14,14 +14,14 @@ from typing import Optional
 import numpy as np
 import torch
 
-from .config import InferenceConfig, InputSpec, LabelClass
-from .errors import InputError
-from .geometry import Geometry, Volume
-from .io import check_same_geometry, validate_image
-from .labels import values_to_indices
-from .patch_sampler import TrainingCase
-from .preprocess import foreground_mask, normalize_intensity, resample_probabilities, resample_to_shape
-from .progress import ProgressReporter
+from ..config import InferenceConfig, InputSpec, LabelClass
+from ..data.geometry import Geometry, Volume
+from ..data.io import check_same_geometry, validate_image
+from ..data.labels import values_to_indices
+from ..data.preprocess import foreground_mask, normalize_intensity, resample_probabilities, resample_to_shape
+from ..errors import InputError
+from ..training.patch_sampler import TrainingCase
+from ..utils.progress import ProgressReporter
 from .sliding_window import sliding_window_3d, slicewise_2d
 
 

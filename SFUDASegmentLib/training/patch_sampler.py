@@ -7,8 +7,8 @@ from typing import Sequence
 
 import numpy as np
 
-from .config import InputSpec
-from .sliding_window import slice_stack
+from ..config import InputSpec
+from ..inference.sliding_window import slice_stack
 
 
 @dataclass

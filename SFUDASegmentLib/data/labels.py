@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .config import LabelClass
-from .errors import InputError
+from ..config import LabelClass
+from ..errors import InputError
 
 
 def values_to_indices(labels: np.ndarray, classes: list[LabelClass], source: str = "label map") -> np.ndarray:

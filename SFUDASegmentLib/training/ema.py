@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import CheckpointError, InputError
+from ..errors import CheckpointError, InputError
 
 
 class ExponentialMovingAverage:

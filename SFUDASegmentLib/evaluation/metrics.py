@@ -2,7 +2,7 @@
 
 Masks are 2D ``(y, x)`` or 3D ``(z, y, x)`` arrays; every non-zero element is foreground.
 ``spacing`` gives millimetres per array axis (``(sz, sy, sx)`` in 3D, see
-:mod:`SFUDASegmentLib.geometry`), so every distance is in mm.
+:mod:`SFUDASegmentLib.data.geometry`), so every distance is in mm.
 
 Surfaces (voxel method, the default of every distance metric)
     The border of a mask is the mask minus its binary erosion with *face* connectivity
@@ -54,8 +54,8 @@ from typing import Any, Literal, Mapping, Optional, Sequence, Union
 import numpy as np
 from scipy import ndimage
 
-from .errors import InputError
-from .progress import ProgressReporter, report
+from ..errors import InputError
+from ..utils.progress import ProgressReporter, report
 
 BRATS_REGIONS: dict[str, list[int]] = {"WT": [1, 2, 4], "TC": [1, 4], "ET": [4]}
 """BraTS 2017-2021 regions (labels 1 necrosis/non-enhancing core, 2 oedema, 4 enhancing)."""

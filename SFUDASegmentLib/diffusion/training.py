@@ -14,13 +14,13 @@ from typing import Optional, Sequence, Union
 import numpy as np
 import torch
 
-from .config import DiffusionNetConfig, DiffusionTrainingConfig, ScheduleConfig
-from .device import autocast, resolve_device
-from .diffusion import NoiseSchedule, diffusion_loss
-from .ema import ExponentialMovingAverage
-from .errors import InputError
-from .nets.diffusion_unet import ConditionalDiffusionUNet
-from .progress import ProgressReporter, report
+from ..config import DiffusionNetConfig, DiffusionTrainingConfig, ScheduleConfig
+from ..errors import InputError
+from ..nets.diffusion_unet import ConditionalDiffusionUNet
+from ..training.ema import ExponentialMovingAverage
+from ..utils.device import autocast, resolve_device
+from ..utils.progress import ProgressReporter, report
+from .sampling import NoiseSchedule, diffusion_loss
 
 ArrayLike = Union[np.ndarray, torch.Tensor]
 Sample = tuple[np.ndarray, np.ndarray, np.ndarray]
@@ -215,7 +215,7 @@ def train_diffusion(samples: Sequence[Sample], net_config: DiffusionNetConfig, s
     ``patch_size`` is None, padded to the largest one; images smaller than the patch are padded
     with -1, background and no body), flips each spatial axis with probability 1/2, builds
     the condition with :func:`make_condition` and takes one Adam step on
-    :func:`~SFUDASegmentLib.diffusion.diffusion_loss`; the EMA (with warm-up) follows.
+    :func:`~SFUDASegmentLib.diffusion.sampling.diffusion_loss`; the EMA (with warm-up) follows.
     With a 2D network and 3D samples ``(C, z, y, x)``, random axial slices ``z`` are drawn.
 
     Args:

@@ -15,7 +15,7 @@ import os
 import re
 from typing import Any, Callable, Mapping, Optional, Sequence
 
-from .errors import InputError
+from ..errors import InputError
 
 #: The methods the panel offers, with their labels.
 METHODS: tuple[str, ...] = ("none", "heal", "gmm")

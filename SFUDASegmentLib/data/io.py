@@ -21,7 +21,7 @@ from typing import Optional, Union
 import numpy as np
 import SimpleITK as sitk
 
-from .errors import InputError
+from ..errors import InputError
 from .geometry import Geometry, Volume
 
 PathLike = Union[str, Path]
@@ -510,7 +510,7 @@ def check_same_geometry(image: Volume, label: Volume, tol: float = 1e-4, *,
             f"{label_name}: " + "; ".join(problems) + "). Resample the label map onto the image: in "
             "3D Slicer use 'Resample Image (BRAINS)' or 'Resample Scalar/Vector/DWI Volume' with the "
             "image as reference and nearest-neighbour interpolation, or in Python "
-            "SFUDASegmentLib.io.resample_onto(label, image, is_label=True).")
+            "SFUDASegmentLib.data.io.resample_onto(label, image, is_label=True).")
 
 
 def resample_onto(moving: Volume, reference: Volume, is_label: bool = False) -> Volume:

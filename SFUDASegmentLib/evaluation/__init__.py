@@ -1,0 +1,1 @@
+"""Segmentation metrics against a reference (Dice, surface distances, NSD) and their conventions."""
