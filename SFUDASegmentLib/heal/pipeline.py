@@ -159,7 +159,8 @@ class _ChunkProgress(ProgressReporter):
         super().__init__()
         self.parent, self.done, self.total, self.size = parent, done, total, size
 
-    def report(self, stage: str, fraction: float, message: str = "") -> None:
+    def report(self, stage: str, fraction: float, message: str = "", *, done: Optional[float] = None,
+               total: Optional[float] = None, unit: str = "") -> None:
         overall = (self.done + fraction * self.size) / max(self.total, 1)
         report(self.parent, "diffusion", overall, f"candidates {overall * 100:.0f}% ({message})")
 
