@@ -261,6 +261,16 @@ class HEALConfig:
         edge_tolerance: r, dilation (voxels) of the condition's edges; 0 is the paper.
         stages: ``"hd"`` (denoising only), ``"hd+egs"`` (+ edge-guided selection, the selected
             sample segmented by the source model) or ``"heal"`` (full, with size-aware fusion).
+        denoise: ``"paper"`` (the denoised labels are ``Y*``, the voxels the NIG stage keeps, as
+            the paper and its code) or ``"components"`` (boundary-preserving: the connected
+            components of ``Y_T`` that hold a marker voxel are kept whole; see
+            ``heal/component_reconstruction.py``).
+        component_markers: ``"entropy"`` (``Y_ent``, the conservative marker) or ``"nig"``
+            (``Y*``) as the markers of ``"components"``.
+        component_grouping: ``"class"`` (components per class) or ``"foreground"`` (components
+            of the whole foreground, e.g. the whole tumour).
+        orphan_classes: ``"keep"`` or ``"drop"``: what ``"components"`` does with a class that
+            has no marker voxel anywhere (see ``heal/component_reconstruction.py``).
         seed: sampling seed.
         amp: mixed precision on GPU.
     """
@@ -288,6 +298,10 @@ class HEALConfig:
     canny_sigma: float = 1.0
     edge_tolerance: int = 0
     stages: str = "heal"
+    denoise: str = "paper"
+    component_markers: str = "entropy"
+    component_grouping: str = "class"
+    orphan_classes: str = "keep"
     seed: int = 0
     amp: bool = True
 

@@ -8,6 +8,7 @@ model's segmentation of the selected candidate; ``"heal"`` fuses Y* and M_S(I_B)
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import numpy as np
@@ -25,9 +26,11 @@ from ..inference.segment import result_from_prediction
 from ..results.result import Result, structure_statistics
 from ..utils.device import StageTimer, free_memory, map_in_chunks, resolve_device
 from ..utils.progress import ProgressReporter, report
+from .denoised_labels import check_denoise_config, denoised_labels
 from .denoising import hierarchical_denoise
-from .edge_selection import select_candidate
+from .edge_selection import SelectionResult, select_candidate
 from .fusion import size_aware_fusion
+from .diffusion_quality import round_trip_warning
 
 STAGES = ("hd", "hd+egs", "heal")
 SAMPLERS = ("ddpm", "ddim")
@@ -37,6 +40,7 @@ def check_heal_config(config: HEALConfig, checkpoint: SourceCheckpoint) -> None:
     """Raise a clear error for settings HEAL cannot run with."""
     if config.stages not in STAGES:
         raise InputError(f"stages must be one of {STAGES}, got '{config.stages}'.")
+    check_denoise_config(config)
     if config.stages == "hd":
         return
     if checkpoint.diffusion is None:
@@ -165,6 +169,57 @@ class _ChunkProgress(ProgressReporter):
         report(self.parent, "diffusion", overall, f"candidates {overall * 100:.0f}% ({message})")
 
 
+@dataclass
+class EdgeGuidedOutcome:
+    """What :func:`edge_guided_segmentation` returns.
+
+    Attributes:
+        candidates: ``(n, C, Z, Y, X)`` rendered candidates on the network grid (z-scores).
+        selection: edge scores and the selected index.
+        segmentation: ``(Z, Y, X)`` class indices ``M_S(I_B)``, the source model's segmentation
+            of the selected candidate (background on slices not rendered).
+        rendered_slices: axial slices the diffusion model rendered.
+    """
+
+    candidates: np.ndarray
+    selection: SelectionResult
+    segmentation: np.ndarray
+    rendered_slices: list[int]
+
+
+def edge_guided_segmentation(checkpoint: SourceCheckpoint, prepared: PreparedInput, labels: np.ndarray,
+                             config: HEALConfig, inference: InferenceConfig, device: torch.device,
+                             model: torch.nn.Module, timer: Optional[StageTimer] = None,
+                             progress: Optional[ProgressReporter] = None) -> EdgeGuidedOutcome:
+    """Render ``n`` source-style candidates of ``labels``, select the one whose Canny edges match
+    the labels' best, and segment it with the source model (HEAL's EGS, ``M_S(I_B)``).
+
+    Also the diffusion round trip: with ``labels`` the ground truth, ``M_S(I_B)`` against it
+    measures how much structure the candidates carry.
+
+    Args:
+        prepared: the image on the network grid (its body mask conditions the renderings).
+        labels: ``(Z, Y, X)`` class indices on the network grid (the condition).
+        model: the source segmentation network (eval mode, on ``device``).
+        timer: optional stage timer (stages ``diffusion``, ``selection``, ``source_on_selected``).
+    """
+    timer = timer or StageTimer(device)
+    spec, k = checkpoint.input_spec, checkpoint.num_classes
+    rendered = slices_to_render(prepared, labels, config, checkpoint.diffusion.net_config.spatial_dims)
+    with timer.stage("diffusion"):
+        candidates = render_candidates(checkpoint, prepared, labels, config, device, rendered, progress)
+    with timer.stage("selection"):
+        grey = candidates[:, 0] if candidates.shape[1] == 1 else np.moveaxis(candidates, 1, -1)
+        reference = labels
+        if prepared.is_2d:
+            grey, reference = grey[:, 0], labels[0]
+        selection = select_candidate(grey, reference, config, progress)
+    with timer.stage("source_on_selected"):
+        segmentation, _ = predict_indices(model, candidates[selection.selected_index], spec, k, inference, device)
+        segmentation[np.setdiff1d(np.arange(labels.shape[0]), rendered)] = 0
+    return EdgeGuidedOutcome(candidates, selection, segmentation, rendered)
+
+
 def heal_adapt(volume: Volume, checkpoint: SourceCheckpoint, config: HEALConfig = HEALConfig(),
                inference: InferenceConfig = InferenceConfig(),
                progress: Optional[ProgressReporter] = None) -> Result:
@@ -173,16 +228,19 @@ def heal_adapt(volume: Volume, checkpoint: SourceCheckpoint, config: HEALConfig 
     Args:
         volume: target ``(Z, Y, X)`` volume or 2D image with its geometry (not modified).
         checkpoint: source checkpoint (with a diffusion model unless ``stages == "hd"``).
-        config: HEAL settings (tau1, tau2, n, sampler, steps, Canny, stages, seed).
+        config: HEAL settings (tau1, tau2, denoising mode, n, sampler, steps, Canny, stages, seed).
         inference: device, batch size and overlap for the source model.
         progress: progress/cancel reporter.
 
     Returns:
         Result with method ``"heal"``: final labels; source probabilities; maps ``entropy`` and
         ``nig_variance`` (min-max normalised); label maps ``pseudo_labels`` (Y_T),
-        ``entropy_labels`` (Y_ent), ``refined_labels`` (Y*) and, past ``hd``,
+        ``entropy_labels`` (Y_ent), ``refined_labels`` (the denoised labels of the chosen mode:
+        Y* for ``"paper"``), ``nig_labels`` (Y*, with ``"components"``) and, past ``hd``,
         ``selected_segmentation`` (M_S(I_B)); the candidates in the input's intensity units,
-        their edge scores and the selected index; per-stage seconds and peak memory.
+        their edge scores and the selected index; per-stage seconds and peak memory; report
+        entries ``denoising`` (what the denoising did to every class, see
+        :func:`~SFUDASegmentLib.heal.denoised_labels.denoised_labels`) and ``warnings``.
     """
     check_heal_config(config, checkpoint)
     device = resolve_device(inference.device)
@@ -201,53 +259,50 @@ def heal_adapt(volume: Volume, checkpoint: SourceCheckpoint, config: HEALConfig 
         def grid(a: np.ndarray) -> np.ndarray:
             return a[None] if squeeze else a
 
-        refined = grid(denoised.refined).astype(np.int64)
+        labels, summary = denoised_labels(denoised, config, checkpoint.classes,
+                                          float(np.prod(prepared.network_spacing)) / 1000.0)
+        refined = grid(labels).astype(np.int64)
         report(progress, "denoising", 1.0, "hierarchical denoising done")
+    warnings = [w for w in (round_trip_warning(checkpoint.provenance),) if w] if config.stages != "hd" else []
     final = refined
-    candidates, selection, selected_seg = None, None, None
+    egs = None
     if config.stages != "hd":
-        rendered = slices_to_render(prepared, refined, config, checkpoint.diffusion.net_config.spatial_dims)
-        with timer.stage("diffusion"):
-            candidates = render_candidates(checkpoint, prepared, refined, config, device, rendered, progress)
-        with timer.stage("selection"):
-            grey = candidates[:, 0] if candidates.shape[1] == 1 else np.moveaxis(candidates, 1, -1)
-            if squeeze:
-                grey = grey[:, 0]
-            selection = select_candidate(grey, denoised.refined, config, progress)
-        with timer.stage("source_on_selected"):
-            selected_seg, _ = predict_indices(model, candidates[selection.selected_index], spec, k,
-                                           inference, device)
-            not_rendered = np.setdiff1d(np.arange(refined.shape[0]), rendered)
-            selected_seg[not_rendered] = 0
-        final = selected_seg
+        egs = edge_guided_segmentation(checkpoint, prepared, refined, config, inference, device, model,
+                                       timer, progress)
+        final = egs.segmentation
         if config.stages == "heal":
             with timer.stage("fusion"):
-                final = size_aware_fusion(refined, selected_seg, k).labels
+                final = size_aware_fusion(refined, egs.segmentation, k).labels
     del model
     free_memory(device)
     with timer.stage("postprocess"):
         result = result_from_prediction("heal", checkpoint, prepared, final, probs)
         result.maps["nig_variance"] = prepared.to_input_grid(
             grid(denoised.variance_normalized), is_label=False).astype(np.float32)
-        for name, array in (("pseudo_labels", grid(denoised.pseudo)),
-                            ("entropy_labels", grid(denoised.y_ent)), ("refined_labels", refined),
-                            ("selected_segmentation", selected_seg)):
-            if array is not None:
-                result.label_maps[name] = indices_to_values(
-                    prepared.to_input_grid(array.astype(np.int64), is_label=True), checkpoint.classes)
-        if candidates is not None and selection is not None:
-            result.candidates = np.stack([_to_input_intensity(prepared, c) for c in candidates])
-            result.candidate_scores = list(selection.scores)
-            result.selected_index = selection.selected_index
-            result.extra["reference_edges_empty"] = selection.reference_edges_empty
-            result.extra["rendered_slices"] = len(rendered)
+        intermediates = [("pseudo_labels", grid(denoised.pseudo)), ("entropy_labels", grid(denoised.y_ent)),
+                         ("refined_labels", refined)]
+        if config.denoise != "paper":
+            intermediates.append(("nig_labels", grid(denoised.refined)))
+        if egs is not None:
+            intermediates.append(("selected_segmentation", egs.segmentation))
+        for name, array in intermediates:
+            result.label_maps[name] = indices_to_values(
+                prepared.to_input_grid(array.astype(np.int64), is_label=True), checkpoint.classes)
+        if egs is not None:
+            result.candidates = np.stack([_to_input_intensity(prepared, c) for c in egs.candidates])
+            result.candidate_scores = list(egs.selection.scores)
+            result.selected_index = egs.selection.selected_index
+            result.extra["reference_edges_empty"] = egs.selection.reference_edges_empty
+            result.extra["rendered_slices"] = len(egs.rendered_slices)
         result.structure_stats = structure_statistics(result.labels, checkpoint.classes,
                                                       prepared.input_geometry, result.maps)
-        result.extra["heal"] = {"stages": config.stages, "sampler": config.sampler,
+        result.extra["heal"] = {"stages": config.stages, "denoise": config.denoise, "sampler": config.sampler,
                                 "steps": config.steps if config.sampler == "ddim" else
                                 (checkpoint.diffusion.schedule.timesteps if checkpoint.diffusion else 0),
                                 "candidates": config.candidates, "seed": config.seed,
                                 "tau1": config.tau1, "tau2": config.tau2}
+        result.extra["denoising"] = summary
+        result.extra["warnings"] = warnings
     result.timings = timer.to_dict()
     return result
 
