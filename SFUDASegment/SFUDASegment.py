@@ -84,6 +84,8 @@ SAMPLE_SCAN_FILE = "phantom_target.nrrd"
 SAMPLE_SCAN_SHA256 = "a9d6560d31aeea5d233eb98356461a40274382f7c93aeb05ed27f5eb01d6dafb"
 DEMO_CHECKPOINT_FILE = "phantom_demo.sfuda"
 JOB_POLL_MSEC = 200
+#: The progress bar's maximum (Resources/UI/SFUDASegment.ui): a tenth of a percent per step.
+PROGRESS_STEPS = 1000
 
 
 def sampleScanPath() -> str:
@@ -300,7 +302,6 @@ class SFUDASegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
         self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
 
-        self.ui.progressBar.setMaximum(1000)
         self.ui.progressBar.setValue(0)
         self.ui.stageLabel.text = ""
         self.ui.timeLabel.text = ""
@@ -531,7 +532,7 @@ class SFUDASegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         for line in self._runLog.add_event(event):
             self._appendLog(line)
         if event.get("type") == "progress":
-            self.ui.progressBar.setValue(int(round(1000 * self._progress.update(event))))
+            self.ui.progressBar.setValue(int(round(PROGRESS_STEPS * self._progress.update(event))))
             self.ui.stageLabel.text = self._progress.stage_text()
             self.ui.statusLabel.text = str(event.get("message", ""))
         elif event.get("type") == "error":
@@ -561,7 +562,7 @@ class SFUDASegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                     nodes = self.logic.finishJob(job, self._jobInput)
                     self._storeResult(nodes, self._jobInput)
                     self._progress.finish()
-                    self.ui.progressBar.setValue(1000)
+                    self.ui.progressBar.setValue(PROGRESS_STEPS)
                     self.ui.timeLabel.text = self._progress.time_text()
                     self.ui.statusLabel.text = (
                         f"Done: {support.METHOD_LABELS[self._jobMethod]} added {len(nodes)} nodes "

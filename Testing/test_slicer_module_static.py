@@ -273,6 +273,12 @@ def _module_constant(tree: ast.Module, name: str):
     return ast.literal_eval(found[0])
 
 
+def test_progress_bar_range_is_the_module_s(module_tree: ast.Module,
+                                            ui_widgets: dict[str, UiWidget]) -> None:
+    assert ui_widgets["progressBar"].properties["maximum"] == _module_constant(
+        module_tree, "PROGRESS_STEPS")
+
+
 def test_module_metadata_and_citations(module_tree: ast.Module) -> None:
     init = next(n for n in _class(module_tree, "SFUDASegment").body
                 if isinstance(n, ast.FunctionDef) and n.name == "__init__")
