@@ -3,8 +3,13 @@
 The module is thin: the panel (``Resources/UI/SFUDASegment.ui``) is bound to a
 ``parameterNodeWrapper`` parameter node; the logic writes the input volume to a temporary file,
 runs ``sfuda adapt`` from ``SFUDASegmentLib`` in a child process (``jobs.BackgroundJob``), and
-adds the result to the scene with ``SFUDASegmentLib.slicer_bridge.mrml``. Decisions that need no Qt live in
-``SFUDASegmentLib.slicer_bridge.panel_support`` and are tested without Slicer.
+adds the result to the scene with ``SFUDASegmentLib.slicer_bridge.mrml``. Decisions that need no
+Qt live in ``SFUDASegmentLib.slicer_bridge`` (``panel_support``, ``dependencies``,
+``overall_progress``, ``run_log``, ``terminology``) and are tested without Slicer.
+
+Slicer's own process never imports PyTorch: the model card (``sfuda info --json``), the device
+list (``sfuda devices --json``) and the methods run in child processes; only torch-free parts of
+the library are imported here.
 
 Console use::
 
@@ -15,6 +20,7 @@ Console use::
     nodes["segmentation"], nodes["map_entropy"], nodes["statistics"]
 """
 
+import importlib
 import logging
 import math
 import os
@@ -22,6 +28,7 @@ import pathlib
 import shutil
 import sys
 import tempfile
+from dataclasses import dataclass
 from typing import Annotated, Any, Callable, Optional
 
 import qt
@@ -58,16 +65,27 @@ if LIBRARY_ROOT not in sys.path:
     sys.path.insert(0, LIBRARY_ROOT)
 RESOURCES_DIR = os.path.join(_besideOrAbove("Resources"), "Resources")
 
-# Only torch-free parts of the library are imported here: PyTorch may not be installed yet
-# (ensureDependencies installs it). The rest is imported inside the functions that need it.
+# Only torch-free parts of the library are imported here, at module level or anywhere in the
+# widget and the logic: Slicer's process never imports PyTorch (a test checks every import).
+from SFUDASegmentLib.slicer_bridge import dependencies  # noqa: E402
+from SFUDASegmentLib.slicer_bridge import overlay_display  # noqa: E402
 from SFUDASegmentLib.slicer_bridge import panel_support as support  # noqa: E402
+from SFUDASegmentLib.slicer_bridge.child_queries import (DeviceInventory, ModelCards,  # noqa: E402
+                                                         checkpoint_key)
 from SFUDASegmentLib.slicer_bridge.jobs import DEFAULT_MODULE, BackgroundJob, run_job  # noqa: E402
+from SFUDASegmentLib.slicer_bridge.overall_progress import (OverallProgress, StagePlan,  # noqa: E402
+                                                            expected_stage_seconds)
+from SFUDASegmentLib.slicer_bridge.run_log import RunLog  # noqa: E402
 
-PROJECT_URL = "https://github.com/sfudasegment/SlicerSFUDASegment"
-SAMPLE_NAME = "SFUDAPhantomTarget"
+#: Name of the sample in Sample Data and of the volume it loads.
+SAMPLE_NAME = "SFUDA phantom target"
 SAMPLE_SCAN_FILE = "phantom_target.nrrd"
+#: SHA256 of Resources/SampleData/phantom_target.nrrd (Sample Data checks the copy it loads).
+SAMPLE_SCAN_SHA256 = "a9d6560d31aeea5d233eb98356461a40274382f7c93aeb05ed27f5eb01d6dafb"
 DEMO_CHECKPOINT_FILE = "phantom_demo.sfuda"
 JOB_POLL_MSEC = 200
+#: The progress bar's maximum (Resources/UI/SFUDASegment.ui): a tenth of a percent per step.
+PROGRESS_STEPS = 1000
 
 
 def sampleScanPath() -> str:
@@ -101,8 +119,9 @@ voxel entropy and NIG variance maps, the HEAL candidates with their edge scores,
 volume and mean uncertainty of each structure.<br>
 Methods: no adaptation, HEAL (learning-free), GMM-adapted inference (SFS).<br>
 Try it: Sample Data &gt; SFUDA Segment &gt; {SAMPLE_NAME} loads a phantom and selects the demo
-checkpoint. See the <a href="{PROJECT_URL}#readme">README</a> for the walk-through, console
-scripting and the <code>sfuda</code> command line.
+checkpoint. Each run's nodes go into one folder in the Data module; delete the folder to remove
+the run. The README of the SFUDASegment sources (section "For clinicians") walks through the
+panel, console scripting and the <code>sfuda</code> command line.
 """
         self.parent.acknowledgementText = """
 Implements published methods; please cite them:
@@ -151,6 +170,7 @@ def registerSampleData() -> None:
         uris=pathlib.Path(scan).as_uri(),
         fileNames=SAMPLE_SCAN_FILE,
         nodeNames=SAMPLE_NAME,
+        checksums=f"SHA256:{SAMPLE_SCAN_SHA256}",
         customDownloader=_loadSampleWithDemoCheckpoint,
     )
 
@@ -183,7 +203,8 @@ class SFUDASegmentParameterNode:
     method - none | heal | gmm; device - auto | cuda | cpu.
     tau1, tau2, candidates, sampler, steps, healStages, seed - HEAL (paper defaults).
     gmmIterations, gmmLambda - GMM-adapted inference (SFS code defaults).
-    overlayMap, overlayOpacity - the coloured foreground shown over the input.
+    overlayMap, overlayOpacity - the coloured foreground shown over the input;
+    overlayThreshold - the fraction of the map's range below which it is transparent.
     resultInput ... statistics - the nodes of the last result (filled by the panel).
     """
 
@@ -202,6 +223,7 @@ class SFUDASegmentParameterNode:
     gmmLambda: Annotated[float, WithinRange(0.0, 10.0)] = 0.5
     overlayMap: Annotated[str, Choice(["entropy", "nig_variance", "candidate"])] = "entropy"
     overlayOpacity: Annotated[float, WithinRange(0.0, 1.0)] = 0.5
+    overlayThreshold: Annotated[float, WithinRange(0.0, 1.0)] = 0.1
     resultInput: vtkMRMLScalarVolumeNode
     segmentation: vtkMRMLSegmentationNode
     entropyMap: vtkMRMLScalarVolumeNode
@@ -210,13 +232,6 @@ class SFUDASegmentParameterNode:
     candidateBrowser: vtkMRMLSequenceBrowserNode
     candidateScores: vtkMRMLTableNode
     statistics: vtkMRMLTableNode
-
-
-def _checkpointFile(path: Any) -> Optional[str]:
-    """``path`` as a string when it names an existing file, else None (an empty path line edit
-    gives ``Path('.')``)."""
-    text = str(path) if path is not None else ""
-    return text if text not in ("", ".") and os.path.isfile(text) else None
 
 
 def _dicomModality(volumeNode: Any) -> Optional[str]:
@@ -245,7 +260,7 @@ def _volumeShape(volumeNode: Any) -> tuple:
 
 
 class SFUDASegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
-    """The panel: inputs, parameters, run (Apply / Cancel with progress), review of the result."""
+    """The panel: inputs, parameters, run (Apply / Cancel with progress and log), review."""
 
     def __init__(self, parent=None) -> None:
         ScriptedLoadableModuleWidget.__init__(self, parent)
@@ -256,9 +271,12 @@ class SFUDASegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._job = None
         self._jobInput = None
         self._jobMethod = None
+        self._progress = None
+        self._runLog = None
         self._card = None
         self._cardError = None
         self._cardKey = None
+        self._torch = None
         self._reviewKey = None
         self._overlayKey = None
         self._timer = None
@@ -278,7 +296,7 @@ class SFUDASegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.logic = SFUDASegmentLogic()
         self._timer = qt.QTimer()
         self._timer.setInterval(JOB_POLL_MSEC)
-        self._timer.connect("timeout()", self._onJobTimer)
+        self._timer.connect("timeout()", self._onTimer)
 
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
@@ -286,19 +304,24 @@ class SFUDASegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
         self.ui.progressBar.setValue(0)
         self.ui.stageLabel.text = ""
+        self.ui.timeLabel.text = ""
         self.ui.statusLabel.text = "Select a volume and a checkpoint, then click Apply."
         self.ui.compatibilityWarningLabel.visible = False
+        self._torch = dependencies.torch_status(dependencies.installed_versions())
         self.initializeParameterNode()
 
     def cleanup(self) -> None:
-        """Called when the application closes: stop a running job, drop observers."""
+        """Called when the application closes: stop the running job and queries, drop observers."""
         self._cancelJob("Slicer is closing")
+        if self.logic is not None:
+            self.logic.modelCards.cancel()
+            self.logic.devices.cancel()
         self.removeObservers()
 
     def enter(self) -> None:
         """Called each time the user opens this module."""
         self.initializeParameterNode()
-        self._updateGpuMemory()
+        self._updateDevices()
 
     def exit(self) -> None:
         """Called each time the user opens another module (a running job goes on)."""
@@ -359,32 +382,53 @@ class SFUDASegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._updateApplyButton()
         self._updateReview()
 
-    # ------------------------------------------------------------------ inputs
+    # ------------------------------------------------------------------ child queries
+    def _onTimer(self) -> None:
+        """Every JOB_POLL_MSEC while something runs: model cards and the device list read in
+        child processes, and the job's progress. Stops when nothing runs."""
+        if self.logic.modelCards.poll():
+            self._cardKey = None
+            if self._parameterNode:
+                self._onParameterNodeModified()
+        if self.logic.devices.poll():
+            self._updateDevices()
+        if self._job is not None:
+            self._pollJob()
+        if self._job is None and not self.logic.modelCards.pending and not self.logic.devices.pending:
+            self._timer.stop()
+
+    def _startTimer(self) -> None:
+        if not self._timer.isActive():
+            self._timer.start()
+
     def _updateModelCard(self) -> None:
-        """Read the model card when the checkpoint file changed (cached by path and time)."""
-        path = _checkpointFile(self._parameterNode.checkpointPath)
-        key = (path, os.path.getmtime(path) if path else None, support.torch_installed())
+        """Show the checkpoint's model card, read once per file version in a child process."""
+        key = checkpoint_key(self._parameterNode.checkpointPath)
         if key == self._cardKey:
             return
         self._cardKey = key
         self._card, self._cardError = None, None
-        if path is None:
+        if key is None:
             self.ui.modelCardLabel.text = "Choose a checkpoint (*.sfuda) to see its model card."
             return
-        if not support.torch_installed():
+        if not self._torch.installed:
             self.ui.modelCardLabel.text = ("PyTorch is not installed yet; it is installed when you "
                                            "click Apply, and the model card shows then.")
             return
-        try:
-            self._card = self.logic.modelCard(path)
-        except Exception as error:  # the library's message says what is wrong with the file
-            self._cardError = str(error)
-            self.ui.modelCardLabel.text = f'<span style="color:#c0392b">{_escape(str(error))}</span>'
-            return
-        self.ui.modelCardLabel.text = support.format_model_card(self._card)
+        answer = self.logic.modelCards.request(key[0])
+        if answer is None:
+            self.ui.modelCardLabel.text = "Reading the model card..."
+            self._startTimer()
+        elif answer.ok:
+            self._card = answer.value
+            self.ui.modelCardLabel.text = support.format_model_card(self._card)
+        else:  # the library's message says what is wrong with the file
+            self._cardError = answer.error
+            self.ui.modelCardLabel.text = f'<span style="color:#c0392b">{_escape(answer.error)}</span>'
 
     def _updateWarnings(self) -> None:
-        """The compatibility warnings of the card and the input volume, and of the method."""
+        """The compatibility warnings of the card and the input volume, of the method, and of
+        an outdated PyTorch."""
         warnings = []
         volume = self._parameterNode.inputVolume
         if self._card is not None and volume is not None and _volumeShape(volume):
@@ -393,31 +437,34 @@ class SFUDASegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         reason = support.method_unavailable_reason(self._card, self._parameterNode.method)
         if reason:
             warnings.append(reason)
+        if self._torch.installed and not self._torch.ok:
+            warnings.append(self._torch.message())
         self.ui.compatibilityWarningLabel.text = "<br>".join(
             f'<span style="color:#d35400">&#9888; {_escape(w)}</span>' for w in warnings)
         self.ui.compatibilityWarningLabel.visible = bool(warnings)
 
-    def _updateGpuMemory(self) -> None:
-        """Free GPU memory beside the device selector (needs PyTorch)."""
-        if not support.torch_installed():
+    def _updateDevices(self) -> None:
+        """The compute devices and their free memory beside the device selector."""
+        if not self._torch.installed:
             self.ui.gpuMemoryLabel.text = "PyTorch is not installed yet (installed on Apply)."
             return
-        try:
-            from SFUDASegmentLib.utils.device import gpu_memory_info
-
-            self.ui.gpuMemoryLabel.text = support.gpu_memory_text(gpu_memory_info())
-        except Exception as error:
-            self.ui.gpuMemoryLabel.text = f"Could not query the GPU: {error}"
+        answer = self.logic.devices.request()
+        if self.logic.devices.pending:
+            self._startTimer()
+        self.ui.gpuMemoryLabel.text = support.devices_text(answer)
 
     def _applyBlocker(self) -> Optional[str]:
         """Why Apply cannot run now, or None."""
         p = self._parameterNode
         if p is None or p.inputVolume is None:
             return "Select an input volume."
-        if _checkpointFile(p.checkpointPath) is None:
+        key = checkpoint_key(p.checkpointPath)
+        if key is None:
             return "Choose a checkpoint file (*.sfuda)."
         if self._cardError:
             return self._cardError
+        if self._card is None and self._torch.installed:
+            return "Reading the model card..."
         return support.method_unavailable_reason(self._card, p.method)
 
     def _updateApplyButton(self) -> None:
@@ -451,49 +498,62 @@ class SFUDASegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             if not self.logic.ensureDependencies(askConfirmation=True):
                 self.ui.statusLabel.text = "Dependencies were not installed; nothing was run."
                 return
+            self._torch = dependencies.torch_status(dependencies.installed_versions())
             self._cardKey = None
             self._onParameterNodeModified()
+            self._updateDevices()
             blocker = self._applyBlocker()
             if blocker:
                 self.ui.statusLabel.text = blocker
                 return
-            self._updateGpuMemory()
             p = self._parameterNode
+            parameters = self._parameters()
             self._job = self.logic.process(p.inputVolume, str(p.checkpointPath), method=p.method,
-                                           parameters=self._parameters(), waitForCompletion=False,
+                                           parameters=parameters, waitForCompletion=False,
                                            device=p.device)
             self._jobInput = p.inputVolume
             self._jobMethod = p.method
+            self._progress = OverallProgress(self.logic.stagePlan(p.method, parameters, self._card))
+            self._runLog = RunLog()
+            self.ui.logTextEdit.clear()
+            self._appendLog(self._runLog.add_text("sfuda " + " ".join(self._job.args)))
             self.ui.progressBar.setValue(0)
             self.ui.stageLabel.text = "Starting"
             self.ui.statusLabel.text = (f"Running {support.METHOD_LABELS[p.method]} on "
                                         f"'{p.inputVolume.GetName()}'...")
-            self._timer.start()
+            self._startTimer()
         self._updateApplyButton()
 
+    def _appendLog(self, line: str) -> None:
+        self.ui.logTextEdit.appendPlainText(line)
+
     def _showEvent(self, event: dict) -> None:
-        """Show one job event in the progress bar, stage and status labels."""
+        """Show one job event: overall progress, stage, times, status, log."""
+        for line in self._runLog.add_event(event):
+            self._appendLog(line)
         if event.get("type") == "progress":
-            self.ui.progressBar.setValue(int(round(100 * float(event.get("fraction", 0.0)))))
-            self.ui.stageLabel.text = support.stage_label(str(event.get("stage", "")))
+            self.ui.progressBar.setValue(int(round(PROGRESS_STEPS * self._progress.update(event))))
+            self.ui.stageLabel.text = self._progress.stage_text()
             self.ui.statusLabel.text = str(event.get("message", ""))
         elif event.get("type") == "error":
             self.ui.statusLabel.text = str(event.get("message", ""))
 
-    def _onJobTimer(self) -> None:
-        """Every JOB_POLL_MSEC: show new events; when the job ended, load or report."""
-        job = self._job
-        if job is None:
-            self._timer.stop()
-            return
+    def _showJobOutput(self, job: BackgroundJob) -> None:
+        """The events and plain lines that arrived since the last call."""
         for event in job.poll():
             self._showEvent(event)
+        for line in job.read_log_lines():
+            self._appendLog(self._runLog.add_text(line))
+        self.ui.timeLabel.text = self._progress.time_text()
+
+    def _pollJob(self) -> None:
+        """Show new output; when the job ended, load its result or report why it failed."""
+        job = self._job
+        self._showJobOutput(job)
         if job.running:
             return
-        self._timer.stop()
         job.wait()
-        for event in job.poll():
-            self._showEvent(event)
+        self._showJobOutput(job)
         self._job = None
         try:
             if job.returncode == 0:
@@ -501,30 +561,34 @@ class SFUDASegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                                                      waitCursor=True):
                     nodes = self.logic.finishJob(job, self._jobInput)
                     self._storeResult(nodes, self._jobInput)
-                    self.ui.progressBar.setValue(100)
-                    self.ui.statusLabel.text = (f"Done: {support.METHOD_LABELS[self._jobMethod]}"
-                                                f" added {len(nodes)} new nodes.")
+                    self._progress.finish()
+                    self.ui.progressBar.setValue(PROGRESS_STEPS)
+                    self.ui.timeLabel.text = self._progress.time_text()
+                    self.ui.statusLabel.text = (
+                        f"Done: {support.METHOD_LABELS[self._jobMethod]} added {len(nodes)} nodes "
+                        "in one folder of the Data module (delete the folder to remove them).")
             else:
                 message = job.error_message() or "The job failed."
-                self.ui.statusLabel.text = "Failed; nothing was added to the scene."
+                self.ui.statusLabel.text = "Failed; nothing was added to the scene (see the log)."
                 slicer.util.errorDisplay(f"SFUDA Segment failed:\n\n{message}")
         finally:
             self.logic.discardJob(job)
             self._updateApplyButton()
-            self._updateGpuMemory()
+            self.logic.devices.refresh()
+            self._updateDevices()
 
     def _cancelJob(self, reason: str) -> None:
         """Kill the running job's whole process tree; the scene stays as it was."""
         job = self._job
         if job is None:
             return
-        if self._timer is not None:
-            self._timer.stop()
         self._job = None
         self.logic.discardJob(job)
         self.ui.progressBar.setValue(0)
         self.ui.stageLabel.text = ""
         self.ui.statusLabel.text = f"Stopped ({reason}); nothing was added to the scene."
+        if self._runLog is not None:
+            self._appendLog(self._runLog.add_text(f"Stopped: {reason}."))
         self._updateApplyButton()
 
     # ------------------------------------------------------------------ review
@@ -554,7 +618,8 @@ class SFUDASegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 "candidate": p.candidateImage}.get(p.overlayMap)
 
     def _updateReview(self) -> None:
-        """Tables, candidate browser, overlay and legend of the last result."""
+        """Tables, candidate browser, overlay (transparent below the threshold), legend and
+        outline of the last result."""
         p = self._parameterNode
         if p is None:
             return
@@ -568,14 +633,16 @@ class SFUDASegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         overlay = self._overlayNode()
         overlayKey = (p.resultInput.GetID() if p.resultInput else None,
                       overlay.GetID() if overlay else None, round(p.overlayOpacity, 3),
-                      p.segmentation.GetID() if p.segmentation else None)
+                      round(p.overlayThreshold, 3), p.segmentation.GetID() if p.segmentation else None)
         if overlayKey == self._overlayKey or p.resultInput is None:
             return
         self._overlayKey = overlayKey
-        from SFUDASegmentLib.slicer_bridge import mrml
-
-        mrml.show_in_views(p.resultInput, overlay, p.segmentation, p.overlayOpacity)
-        self.ui.colorLegendLabel.text = _legendText(p.overlayMap, overlay)
+        isMap = p.overlayMap in support.OVERLAY_LEGEND_TITLES and overlay is not None
+        overlay_display.show_review(
+            p.resultInput, overlay, p.segmentation, p.overlayOpacity, p.overlayThreshold,
+            support.OVERLAY_LEGEND_TITLES.get(p.overlayMap, "") if isMap else "",
+            (p.entropyMap, p.nigVarianceMap))
+        self.ui.colorLegendLabel.text = _legendText(p.overlayMap, overlay, p.overlayThreshold)
 
 
 def _relabel(comboBox: Any, values: tuple, labels: dict) -> None:
@@ -585,16 +652,16 @@ def _relabel(comboBox: Any, values: tuple, labels: dict) -> None:
             comboBox.setItemText(index, labels.get(value, value))
 
 
-def _legendText(choice: str, overlayNode: Any) -> str:
-    """The colour legend of the overlay node (colour table and display range)."""
+def _legendText(choice: str, overlayNode: Any, hideBelow: float) -> str:
+    """The colour legend of the overlay node (colour table, range, transparency threshold)."""
     if overlayNode is None:
         return "This result has no such layer (HEAL writes NIG variance and candidates)."
     display = overlayNode.GetDisplayNode()
     colorNode = display.GetColorNode() if display is not None else None
-    low = display.GetWindowLevelMin() if display is not None else 0.0
-    high = display.GetWindowLevelMax() if display is not None else 1.0
+    low, high = overlay_display.map_range(overlayNode)
     return support.overlay_legend_text(choice, low, high,
-                                       colorNode.GetName() if colorNode is not None else "grey")
+                                       colorNode.GetName() if colorNode is not None else "grey",
+                                       low + hideBelow * (high - low))
 
 
 def _escape(text: str) -> str:
@@ -617,12 +684,20 @@ class SFUDASegmentLogic(ScriptedLoadableModuleLogic):
         jobModule: the module the child process runs (``python -m jobModule --progress json
             adapt ...``); the ``sfuda`` CLI unless a test substitutes a stand-in.
         jobEnvironment: extra environment variables of the child process.
+        modelCards: model cards read by ``sfuda info --json`` in child processes, cached per
+            checkpoint file (path, modification time, size).
+        devices: the device inventory (``sfuda devices --json``, in a child process).
+        stageSeconds: method -> (stage seconds, parameters) of the last run of that method here;
+            the next run's progress is weighted with them.
     """
 
     def __init__(self) -> None:
         ScriptedLoadableModuleLogic.__init__(self)
         self.jobModule = DEFAULT_MODULE
         self.jobEnvironment = {}
+        self.modelCards = ModelCards()
+        self.devices = DeviceInventory()
+        self.stageSeconds = {}
         self._jobFolders = {}
 
     def getParameterNode(self) -> SFUDASegmentParameterNode:
@@ -630,50 +705,80 @@ class SFUDASegmentLogic(ScriptedLoadableModuleLogic):
 
     # ------------------------------------------------------------------ dependencies
     def ensureDependencies(self, askConfirmation: bool = True) -> bool:
-        """Install what the library needs, asking the user once; True when all is there.
+        """Install what the library needs without replacing anything; True when all is there.
 
-        PyTorch comes from the PyTorch extension's PyTorchUtils (it picks the CUDA or CPU build
-        for this machine). scikit-image, opencv-python-headless, scipy and tqdm come through
-        ``slicer.util.pip_install`` after one confirmation. Slicer's SimpleITK is never touched.
+        PyTorch: when it is missing or older than the library's minimum, the PyTorch
+        extension's PyTorch Utils installs (or upgrades to) a build that fits this machine,
+        after one confirmation. The other packages (``dependencies.LIBRARY_REQUIREMENTS``) are
+        installed with ``slicer.util.pip_install`` only when missing, with every distribution
+        already installed in Slicer's Python given to pip as a constraint at its installed
+        version (numpy, scipy, SimpleITK... stay exactly as Slicer ships them).
 
         Raises:
-            RuntimeError: PyTorch is missing and the PyTorch extension is not installed.
+            RuntimeError: the PyTorch extension is missing, PyTorch is still too old after the
+                upgrade, or a package Slicer ships is older than the library needs.
         """
         ask = askConfirmation and not slicer.app.commandOptions().testingEnabled
-        if not support.torch_installed():
+        installed = dependencies.installed_versions()
+        torch = dependencies.torch_status(installed)
+        if not torch.ok:
             try:
                 import PyTorchUtils
             except ImportError:
                 raise RuntimeError(
-                    "SFUDA Segment needs PyTorch. Install the 'PyTorch' extension from the "
-                    "Extensions Manager (View > Extensions Manager), restart Slicer, and click "
-                    "Apply again.") from None
-            torch = PyTorchUtils.PyTorchUtilsLogic().installTorch(
-                askConfirmation=ask, torchVersionRequirement=support.TORCH_REQUIREMENT)
-            if torch is None:
-                return False
-        missing = support.missing_requirements()
-        if missing:
+                    "SFUDA Segment needs PyTorch " + torch.requirement + ". Install the 'PyTorch' "
+                    "extension from the Extensions Manager (View > Extensions Manager), restart "
+                    "Slicer, and click Apply again.") from None
             if ask and not slicer.util.confirmOkCancelDisplay(
-                    "SFUDA Segment needs these Python packages, which will now be downloaded and "
-                    "installed into Slicer's Python (Slicer's own SimpleITK is kept):\n\n"
-                    + "\n".join(missing), "SFUDA Segment: install dependencies"):
+                    torch.message() + "\n\nInstall it now through PyTorch Utils?",
+                    "SFUDA Segment: PyTorch"):
                 return False
-            slicer.util.pip_install(list(missing))
-            import importlib
-
+            PyTorchUtils.PyTorchUtilsLogic().installTorch(
+                askConfirmation=False, torchVersionRequirement=torch.requirement)
             importlib.invalidate_caches()
+            self.modelCards.clear()  # cards read before could not load PyTorch
+            installed = dependencies.installed_versions()
+            torch = dependencies.torch_status(installed)
+            if not torch.ok:
+                raise RuntimeError(torch.message())
+        plan = dependencies.install_plan(installed)
+        if plan.problems:
+            raise RuntimeError(" ".join(plan.problems))
+        if plan.needed:
+            if ask and not slicer.util.confirmOkCancelDisplay(
+                    dependencies.describe_install(plan), "SFUDA Segment: install dependencies"):
+                return False
+            folder = tempfile.mkdtemp(prefix="SFUDASegment-pip-", dir=_temporaryFolder())
+            try:
+                constraints = dependencies.write_constraints(plan, folder)
+                slicer.util.pip_install(dependencies.pip_arguments(plan, constraints))
+            finally:
+                shutil.rmtree(folder, ignore_errors=True)
+            importlib.invalidate_caches()
+            self.modelCards.clear()
         return True
 
     def modelCard(self, checkpointPath: str) -> dict:
-        """The checkpoint's model card (``SourceCheckpoint.describe()``); needs PyTorch.
+        """The checkpoint's model card (``sfuda info --json``, read in a child process and
+        cached per file version).
 
         Raises:
-            CheckpointError: the file is missing, damaged or not a checkpoint.
+            RuntimeError: the file is missing, damaged or not a checkpoint (the library's message).
         """
-        from SFUDASegmentLib.checkpoint import SourceCheckpoint
+        answer = self.modelCards.get(checkpointPath)
+        if not answer.ok:
+            raise RuntimeError(answer.error)
+        return answer.value
 
-        return SourceCheckpoint.load(checkpointPath).describe()
+    def stagePlan(self, method: str, parameters: Optional[dict] = None,
+                  card: Optional[dict] = None) -> StagePlan:
+        """The stages of a run and their weights for its overall progress: the stage times of
+        the last run of ``method`` here (else of the reference run on the bundled sample),
+        scaled to ``parameters`` (HEAL candidates and steps, GMM iterations)."""
+        seconds, reference = self.stageSeconds.get(method, (None, None))
+        schedule = ((card or {}).get("diffusion_model") or {}).get("schedule") or {}
+        return StagePlan.from_stage_seconds(expected_stage_seconds(
+            method, parameters or {}, seconds, reference, int(schedule.get("timesteps", 1000))))
 
     # ------------------------------------------------------------------ processing
     def process(self, inputVolume: vtkMRMLScalarVolumeNode, checkpointPath: str,
@@ -727,6 +832,8 @@ class SFUDASegmentLogic(ScriptedLoadableModuleLogic):
             shutil.rmtree(workDir, ignore_errors=True)
             raise
         logging.info("SFUDASegment: sfuda " + " ".join(arguments))
+        self.modelCards.request(checkpointPath)  # its terminology is read beside the job
+        run = _Run(workDir, outDir, method, dict(parameters or {}), checkpointPath)
 
         if waitForCompletion:
             try:
@@ -734,7 +841,7 @@ class SFUDASegmentLogic(ScriptedLoadableModuleLogic):
                                   module=self.jobModule, env=self.jobEnvironment)
                 if not outcome.ok:
                     raise RuntimeError(f"SFUDA Segment ({method}) failed: {outcome.error_message}")
-                return self._loadResult(outDir, inputVolume)
+                return self._loadResult(run, inputVolume)
             finally:
                 shutil.rmtree(workDir, ignore_errors=True)
 
@@ -744,11 +851,10 @@ class SFUDASegmentLogic(ScriptedLoadableModuleLogic):
         except Exception:
             shutil.rmtree(workDir, ignore_errors=True)
             raise
-        self._jobFolders[job] = (workDir, outDir)
+        self._jobFolders[job] = run
         return job
 
-    def finishJob(self, job: BackgroundJob, inputVolume: vtkMRMLScalarVolumeNode,
-                  outDir: Optional[str] = None) -> dict:
+    def finishJob(self, job: BackgroundJob, inputVolume: vtkMRMLScalarVolumeNode) -> dict:
         """Add the result of an ended job (from ``process(waitForCompletion=False)``) to the
         scene and remove its temporary folder.
 
@@ -757,11 +863,14 @@ class SFUDASegmentLogic(ScriptedLoadableModuleLogic):
         """
         if job.running:
             raise RuntimeError("The job is still running; call finishJob once job.running is False.")
-        workDir, jobOutDir = self._jobFolders.get(job, (None, None))
         try:
             if job.wait() != 0:
                 raise RuntimeError(f"SFUDA Segment failed: {job.error_message()}")
-            return self._loadResult(outDir or jobOutDir, inputVolume)
+            run = self._jobFolders.get(job)
+            if run is None:
+                raise RuntimeError("This job was not started by this logic's process(); "
+                                   "nothing to load.")
+            return self._loadResult(run, inputVolume)
         finally:
             self.discardJob(job)
 
@@ -770,16 +879,39 @@ class SFUDASegmentLogic(ScriptedLoadableModuleLogic):
         folder; the scene is not touched."""
         if job.running:
             job.cancel()
-        workDir, _ = self._jobFolders.pop(job, (None, None))
-        if workDir:
-            shutil.rmtree(workDir, ignore_errors=True)
+        run = self._jobFolders.pop(job, None)
+        if run is not None:
+            shutil.rmtree(run.workDir, ignore_errors=True)
 
-    def _loadResult(self, outDir: str, inputVolume: vtkMRMLScalarVolumeNode) -> dict:
-        """Read a result folder and add it to the input's scene as new nodes."""
+    def _loadResult(self, run: "_Run", inputVolume: vtkMRMLScalarVolumeNode) -> dict:
+        """Read a result folder and add it to the input's scene as new nodes, in one
+        subject-hierarchy folder, with the classes' standard terminology; remember its stage
+        times for the next run's progress."""
         from SFUDASegmentLib.results.files import read_result
         from SFUDASegmentLib.slicer_bridge import mrml
+        from SFUDASegmentLib.slicer_bridge.run_folder import run_folder_name
+        from SFUDASegmentLib.slicer_bridge.terminology import class_terminology
 
-        return mrml.add_result_to_scene(read_result(outDir), inputVolume)
+        result = read_result(run.outDir)
+        seconds = (result.timings or {}).get("seconds")
+        if seconds:
+            self.stageSeconds[run.method] = (dict(seconds), run.parameters)
+        card = self.modelCards.get(run.checkpointPath)
+        return mrml.add_result_to_scene(
+            result, inputVolume, terminology=class_terminology(result.classes, card.value if card.ok else None),
+            folder_name=run_folder_name(support.METHOD_LABELS.get(run.method, run.method),
+                                        inputVolume.GetName()))
+
+
+@dataclass
+class _Run:
+    """What the logic keeps about one run until its result is loaded."""
+
+    workDir: str
+    outDir: str
+    method: str
+    parameters: dict
+    checkpointPath: str
 
 
 def _temporaryFolder() -> Optional[str]:
@@ -829,8 +961,10 @@ class SFUDASegmentTest(ScriptedLoadableModuleTest):
 
     def test_NoAdaptationAndHeal(self):
         """No adaptation and HEAL (tiny config): output nodes on the input's geometry, entropy
-        within [0, log2 K], the input unchanged."""
+        within [0, log2 K], the input unchanged, each run's nodes in one folder."""
         import numpy as np
+
+        from SFUDASegmentLib.slicer_bridge.run_folder import run_folder_of
 
         self.delayDisplay("Starting the test")
         logic = SFUDASegmentLogic()
@@ -866,6 +1000,9 @@ class SFUDASegmentTest(ScriptedLoadableModuleTest):
                 self.assertEqual(nodes["candidates"].GetNumberOfDataNodes(), 2)
                 self.assertEqual(nodes["candidate_scores"].GetNumberOfRows(), 2)
             self.assertTrue(np.array_equal(slicer.util.arrayFromVolume(volume), before))
+            folder = run_folder_of(segmentation)
+            self.assertTrue(folder)
+            self.assertEqual({run_folder_of(n) for n in nodes.values()}, {folder})
         self.delayDisplay("Test passed")
 
     def test_CancelLeavesSceneUnchanged(self):

@@ -333,6 +333,23 @@ def cmd_info(args: argparse.Namespace, progress: Optional[ProgressReporter]) -> 
     return 0
 
 
+def cmd_devices(args: argparse.Namespace, progress: Optional[ProgressReporter]) -> int:
+    from .utils.device import device_inventory
+
+    inventory = device_inventory()
+    if args.json:
+        _print_json(inventory)
+        return 0
+    build = f"CUDA {inventory['cuda_build']}" if inventory["cuda_build"] else "CPU-only"
+    print(f"PyTorch {inventory['torch']} ({build} build), {inventory['cpu_threads']} CPU threads")
+    for gpu in inventory["gpus"]:
+        print(f"  {gpu['device']}: {gpu['name']}, {gpu['free_mib'] / 1024:.1f} GiB free of "
+              f"{gpu['total_mib'] / 1024:.1f} GiB")
+    if not inventory["gpus"]:
+        print("  no CUDA GPU: the methods run on the CPU")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace, progress: Optional[ProgressReporter]) -> int:
     from .demo import run_demo
 
@@ -480,6 +497,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint")
     p.add_argument("--json", action="store_true", help="print the card as JSON")
     p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("devices", help="the PyTorch build and the GPUs it can use, with their free memory")
+    p.add_argument("--json", action="store_true", help="print the inventory as JSON")
+    p.set_defaults(func=cmd_devices)
 
     p = sub.add_parser("demo", help="end-to-end demo on synthetic two-modality phantoms")
     p.add_argument("--out", required=True, help="output folder")

@@ -19,6 +19,7 @@ The previous ``slicer.mrmlScene`` / ``slicer.modules`` are restored afterwards. 
 
 from __future__ import annotations
 
+import contextlib
 import types
 from pathlib import Path
 from typing import Iterator
@@ -28,15 +29,14 @@ import pytest
 _MISSING = object()
 
 
-@pytest.fixture
-def mrml_scene(tmp_path: Path) -> Iterator[object]:
-    """A fresh ``vtkMRMLScene`` with the module logics, set as ``slicer.mrmlScene``.
+@contextlib.contextmanager
+def scene_with_logics(home: Path) -> Iterator[object]:
+    """A fresh ``vtkMRMLScene`` with the module logics, set as ``slicer.mrmlScene`` while the
+    context lasts (also usable outside pytest, e.g. in a child process of a test).
 
-    Skips the test when the ``slicer-core`` wheel is not installed (``pip install
-    slicer-core`` or ``pip install .[test]``).
+    Args:
+        home: an empty folder for the application logic's home directory.
     """
-    pytest.importorskip("slicer_core", reason="the slicer-core wheel is not installed "
-                        "(pip install slicer-core)")
     import slicer
 
     scene = slicer.vtkMRMLScene()
@@ -44,8 +44,8 @@ def mrml_scene(tmp_path: Path) -> Iterator[object]:
     app_logic.SetMRMLScene(scene)
     # The colour logic looks for colour files under <home>/<share>/ColorFiles; an empty folder
     # there keeps it quiet (the procedural tables need no files).
-    (tmp_path / "share" / "ColorFiles").mkdir(parents=True)
-    app_logic.SetHomeDirectory(str(tmp_path))
+    (home / "share" / "ColorFiles").mkdir(parents=True)
+    app_logic.SetHomeDirectory(str(home))
     app_logic.SetShareDirectory("share")
 
     color_logic = slicer.vtkSlicerColorLogic()
@@ -86,3 +86,16 @@ def mrml_scene(tmp_path: Path) -> Iterator[object]:
             else:
                 setattr(slicer, name, value)
         scene.Clear(True)
+
+
+@pytest.fixture
+def mrml_scene(tmp_path: Path) -> Iterator[object]:
+    """A fresh ``vtkMRMLScene`` with the module logics, set as ``slicer.mrmlScene``.
+
+    Skips the test when the ``slicer-core`` wheel is not installed (``pip install
+    slicer-core`` or ``pip install .[test]``).
+    """
+    pytest.importorskip("slicer_core", reason="the slicer-core wheel is not installed "
+                        "(pip install slicer-core)")
+    with scene_with_logics(tmp_path) as scene:
+        yield scene

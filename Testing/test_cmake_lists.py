@@ -158,13 +158,22 @@ def test_installed_tree_has_module_library_and_resources_side_by_side(
 def test_top_level_extension_metadata() -> None:
     text = TOP_CMAKE.read_text()
     values = variables(text)
-    for key in ("EXTENSION_HOMEPAGE", "EXTENSION_CONTRIBUTORS", "EXTENSION_DESCRIPTION",
-                "EXTENSION_ICONURL", "EXTENSION_SCREENSHOTURLS"):
+    for key in ("EXTENSION_CONTRIBUTORS", "EXTENSION_DESCRIPTION"):
         assert values.get(key) and values[key][0].strip(), key
     assert values["EXTENSION_CATEGORY"] == ["Segmentation"]
     assert values["EXTENSION_DEPENDS"] == ["PyTorch"]
-    assert values["EXTENSION_HOMEPAGE"][0].startswith("https://")
-    assert values["EXTENSION_ICONURL"][0].endswith("Resources/Icons/SFUDASegment.png")
+    # The public addresses come from one marked place: two variables set when publishing
+    # (empty until then), from which the homepage, icon and screenshot addresses are made.
+    assert strip_comments(text).count("https://") == 0
+    assert text.count("SET WHEN PUBLISHING") == 1
+    repository, raw = values["SFUDASEGMENT_REPOSITORY"], values["SFUDASEGMENT_RAW_FILES"]
+    assert len(repository) == len(raw) == 1
+    assert all(v == "" or v.startswith("https://") for v in (repository[0], raw[0]))
+    assert values["EXTENSION_HOMEPAGE"] == repository
+    assert values["EXTENSION_ICONURL"] == [raw[0] + "/Resources/Icons/SFUDASegment.png"]
+    (screenshot,) = values["EXTENSION_SCREENSHOTURLS"]
+    assert screenshot.startswith(raw[0] + "/") and (REPO / screenshot[len(raw[0]) + 1:]).is_file()
+    assert (REPO / "Resources" / "Icons" / "SFUDASegment.png").is_file()
 
     sequence = [(name, args) for name, args in commands(text) if name != "set"]
     assert sequence == [

@@ -366,18 +366,53 @@ def test_bad_labels_and_candidates_are_rejected(mrml_scene):
         mrml_scene.GetFirstNodeByName("t").GetID()}
 
 
-def test_show_in_views_sets_slice_layers(mrml_scene, rng):
+def test_run_goes_into_one_folder_under_the_input_study_and_leaves_with_it(mrml_scene, rng):
+    import slicer
+    import vtk
+
+    from SFUDASegmentLib.slicer_bridge import run_folder
+
     result = make_result(rng)
     input_node = mrml.add_volume_node(Volume(np.zeros((5, 6, 7), np.float32), result.geometry),
                                       "MR", mrml_scene)
-    nodes = mrml.add_result_to_scene(result, input_node)
-    mrml.show_in_views(input_node, nodes["map_entropy"], nodes["segmentation"], opacity=0.3)
-    composite = mrml_scene.AddNewNodeByClass("vtkMRMLSliceCompositeNode")
-    mrml.show_in_views(input_node, nodes["map_entropy"], nodes["segmentation"], opacity=0.3)
-    assert composite.GetBackgroundVolumeID() == input_node.GetID()
-    assert composite.GetForegroundVolumeID() == nodes["map_entropy"].GetID()
-    assert composite.GetForegroundOpacity() == pytest.approx(0.3)
-    assert nodes["segmentation"].GetDisplayNode().GetVisibility()
+    hierarchy = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(mrml_scene)
+    study = hierarchy.CreateStudyItem(hierarchy.CreateSubjectItem(hierarchy.GetSceneItemID(), "P1"),
+                                      "MR brain")
+    hierarchy.CreateItem(study, input_node)
+    # A node of the user's elsewhere in the hierarchy is neither moved nor removed.
+    elsewhere = mrml_scene.AddNewNodeByClass("vtkMRMLTableNode", "earlier table")
+    hierarchy.CreateItem(hierarchy.GetSceneItemID(), elsewhere)
+    before = scene_snapshot(mrml_scene)
+
+    nodes = mrml.add_result_to_scene(result, input_node, folder_name="HEAL (learning-free): MR")
+    again = mrml.add_result_to_scene(result, input_node, folder_name="HEAL (learning-free): MR")
+    folder = run_folder.run_folder_of(nodes["segmentation"])
+    assert hierarchy.GetItemName(folder) == "HEAL (learning-free): MR"
+    assert hierarchy.GetItemName(run_folder.run_folder_of(again["statistics"])) == \
+        "HEAL (learning-free): MR (2)"
+    assert hierarchy.GetItemParent(folder) == study
+    children = vtk.vtkIdList()
+    hierarchy.GetItemChildren(folder, children)
+    in_folder = {hierarchy.GetItemDataNode(children.GetId(i)).GetID()
+                 for i in range(children.GetNumberOfIds())}
+    assert in_folder == {n.GetID() for n in nodes.values()}  # every node of the run, no other
+    assert len(nodes) >= 10
+
+    # In Slicer every new node already has an item (at the top): it is moved, not doubled.
+    moved = mrml.add_table_node([{"a": 1}], "moved")
+    hierarchy.CreateItem(hierarchy.GetSceneItemID(), moved)
+    item_count = hierarchy.GetNumberOfItems()
+    assert run_folder.put_in_run_folder([moved], input_node, "one more") == \
+        run_folder.run_folder_of(moved)
+    assert hierarchy.GetNumberOfItems() == item_count + 1  # the folder; the table's item moved
+
+    run_folder.remove_run_folder(mrml_scene, folder)
+    run_folder.remove_run_folder(mrml_scene, run_folder.run_folder_of(again["statistics"]))
+    run_folder.remove_run_folder(mrml_scene, run_folder.run_folder_of(moved))
+    # Data, display and storage nodes of both runs are gone; the input and the rest stay.
+    assert scene_snapshot(mrml_scene) == before
+    assert hierarchy.GetItemByDataNode(input_node) and np.array_equal(
+        node_array(input_node), np.zeros((5, 6, 7), np.float32))
 
 
 def test_2d_rgb_candidates_become_vector_volumes(mrml_scene, rng):

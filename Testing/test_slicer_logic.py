@@ -1,20 +1,18 @@
 """``SFUDASegmentLogic`` (the console scripting API) on a real MRML scene, outside Slicer.
 
-The module file needs Slicer's ``ScriptedLoadableModule`` and ``parameterNodeWrapper``, which
-the ``slicer-core`` wheel lacks; they are replaced by small stand-ins *in this test only*
-(the logic uses nothing of them but the base class). The child process runs a stand-in of the
-``sfuda adapt`` command (``logic.jobModule``) that writes a genuine result folder with
-``write_result`` from a simple, known computation, so the test checks the whole path: volume
-node -> temporary NRRD -> command line -> child -> result files -> new nodes, and the
-blocking, non-blocking, failing and cancelled cases.
+The module file is loaded with stand-ins for Slicer's application parts *in this test only*
+(``slicer_module_loader.py``). The child process runs a stand-in of ``sfuda adapt`` that writes
+a genuine result folder, so the test checks the whole path: volume node -> temporary NRRD ->
+command line -> child -> result files -> new nodes, and the blocking, non-blocking, failing and
+cancelled cases. A last test runs what the panel does when it opens (model card, devices) and
+applies, in a process where importing PyTorch fails.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import json
+import subprocess
 import sys
-import textwrap
 import time
 import types
 from pathlib import Path
@@ -23,94 +21,19 @@ import numpy as np
 import pytest
 
 from mrml_scene import mrml_scene  # noqa: F401
+from slicer_module_loader import STAND_IN, load_module_file, stand_in_modules, write_stand_in
 
 REPO = Path(__file__).resolve().parents[1]
-MODULE_FILE = REPO / "SFUDASegment" / "SFUDASegment.py"
-
-STAND_IN = "fake_adapt"
-
-STAND_IN_SOURCE = textwrap.dedent('''
-    """Stand-in for `sfuda adapt`: labels = voxels above the image mean, entropy = normalised
-    intensity, HEAL candidates = the image times (i + 1)."""
-    import argparse
-    import json
-    import os
-    import sys
-    import time
-
-    import numpy as np
-
-    from SFUDASegmentLib.config import LabelClass
-    from SFUDASegmentLib.data.io import read_image
-    from SFUDASegmentLib.results.files import write_result
-    from SFUDASegmentLib.results.result import Result, structure_statistics
-
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--progress")
-    parser.add_argument("command")
-    parser.add_argument("--method")
-    parser.add_argument("--checkpoint")
-    parser.add_argument("--image")
-    parser.add_argument("--out")
-    args, _ = parser.parse_known_args()
-
-    def event(**data):
-        sys.stderr.write(json.dumps(data) + "\\n")
-        sys.stderr.flush()
-
-    event(type="progress", stage="arguments", fraction=0.0, message=json.dumps(sys.argv[1:]))
-    if os.environ.get("FAKE_ADAPT_MODE") == "fail":
-        event(type="error", error="CheckpointError", message="The demo checkpoint is damaged.")
-        sys.exit(2)
-    if os.environ.get("FAKE_ADAPT_MODE") == "hang":
-        while True:
-            event(type="progress", stage="waiting", fraction=0.5, message="")
-            time.sleep(0.05)
-
-    volume = read_image(args.image)
-    image = volume.array.astype(np.float32)
-    labels = (image > image.mean()).astype(np.uint8)
-    entropy = (image - image.min()) / (image.max() - image.min())
-    classes = [LabelClass(1, "bright", (1.0, 0.2, 0.1))]
-    maps = {"entropy": entropy}
-    candidates = None
-    if args.method == "heal":
-        candidates = np.stack([image * (i + 1) for i in range(2)])
-    result = Result(method=args.method, labels=labels, classes=classes, geometry=volume.geometry,
-                    maps=maps, candidates=candidates,
-                    candidate_scores=[0.25, 0.75] if candidates is not None else [],
-                    selected_index=1 if candidates is not None else None,
-                    structure_stats=structure_statistics(labels, classes, volume.geometry, maps))
-    write_result(result, args.out, input_path=args.image, checkpoint_path=args.checkpoint)
-    event(type="progress", stage="done", fraction=1.0, message="written")
-''')
-
-
-class _Base:
-    """Stand-in of the ScriptedLoadableModule base classes (not in the slicer-core wheel)."""
-
-    def __init__(self, *args, **kwargs) -> None:
-        pass
-
+DEMO_CHECKPOINT = REPO / "Resources" / "SampleData" / "phantom_demo.sfuda"
 
 @pytest.fixture
 def sfuda_module(monkeypatch: pytest.MonkeyPatch, mrml_scene, tmp_path: Path):  # noqa: F811
     """The module file imported with stand-ins for the Slicer-application parts."""
     import slicer
 
-    scripted = types.ModuleType("slicer.ScriptedLoadableModule")
-    for name in ("ScriptedLoadableModule", "ScriptedLoadableModuleWidget",
-                 "ScriptedLoadableModuleLogic", "ScriptedLoadableModuleTest"):
-        setattr(scripted, name, type(name, (_Base,), {}))
-    wrapper = types.ModuleType("slicer.parameterNodeWrapper")
-    wrapper.parameterNodeWrapper = lambda cls: cls
-    wrapper.Choice = wrapper.WithinRange = lambda *args: None
-    monkeypatch.setitem(sys.modules, "slicer.ScriptedLoadableModule", scripted)
-    monkeypatch.setitem(sys.modules, "slicer.parameterNodeWrapper", wrapper)
-    monkeypatch.setitem(sys.modules, "qt", types.ModuleType("qt"))
-    spec = importlib.util.spec_from_file_location("SFUDASegment_under_test", MODULE_FILE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    for name, module in stand_in_modules().items():
+        monkeypatch.setitem(sys.modules, name, module)
+    module = load_module_file()
     assert not hasattr(slicer, "app")  # the logic must work without the application
     return module
 
@@ -121,14 +44,13 @@ def setup(sfuda_module, mrml_scene, tmp_path: Path, monkeypatch: pytest.MonkeyPa
     from SFUDASegmentLib.data.geometry import Geometry, Volume
     from SFUDASegmentLib.slicer_bridge import mrml
 
-    (tmp_path / "standin").mkdir()
-    (tmp_path / "standin" / f"{STAND_IN}.py").write_text(STAND_IN_SOURCE)
+    environment = write_stand_in(tmp_path / "standin")
     temp = tmp_path / "temp"
     temp.mkdir()
     monkeypatch.setattr("tempfile.tempdir", str(temp))
     logic = sfuda_module.SFUDASegmentLogic()
     logic.jobModule = STAND_IN
-    logic.jobEnvironment = {"PYTHONPATH": str(tmp_path / "standin")}
+    logic.jobEnvironment = environment
     rng = np.random.default_rng(5)
     array = rng.normal(100.0, 20.0, size=(3, 10, 12)).astype(np.float32)
     geometry = Geometry(spacing=(2.0, 0.5, 0.75), origin=(10.0, -5.0, 3.0),
@@ -230,3 +152,26 @@ def test_cancel_leaves_the_scene_as_it_was(setup) -> None:
     assert _leftover_folders(setup.temp) == []
     with pytest.raises(RuntimeError, match="Cancelled"):
         setup.logic.finishJob(job, setup.node)
+
+
+def test_panel_opens_shows_the_card_and_applies_without_importing_torch(tmp_path: Path) -> None:
+    pytest.importorskip("slicer_core", reason="the slicer-core wheel is not installed")
+    import torch
+
+    done = subprocess.run([sys.executable, str(REPO / "Testing" / "panel_without_torch.py"),
+                           str(tmp_path), str(DEMO_CHECKPOINT)], capture_output=True, text=True,
+                          timeout=600, cwd=REPO)
+    assert done.returncode == 0, done.stderr[-3000:]
+    seen = json.loads(done.stdout.strip().splitlines()[-1])
+    assert seen["torch_imported"] == []  # and every attempt would have raised
+    assert seen["torch_version"] == torch.__version__ and seen["torch_ok"]
+    assert not seen["card_was_cached"]
+    assert seen["card_classes"] == ["organ", "vessel", "lesion"]
+    assert "<b>Methods:</b> No adaptation, HEAL (learning-free), GMM-adapted inference (SFS)" in \
+        seen["card_text"]
+    assert seen["warnings"] == []
+    expected = "cuda:0" if torch.cuda.is_available() else f"PyTorch {torch.__version__}, CPU-only"
+    assert expected in seen["devices_text"]
+    assert seen["plan_stages"][:3] == ["preprocess", "inference", "denoising"]
+    assert {"segmentation", "map_entropy", "candidates", "statistics"} <= set(seen["nodes"])
+    assert seen["folder"] == "HEAL (learning-free): target"

@@ -9,7 +9,9 @@ names the module uses.
 from __future__ import annotations
 
 import ast
+import hashlib
 import math
+import re
 import subprocess
 import sys
 import xml.etree.ElementTree as ET
@@ -21,7 +23,9 @@ import pytest
 
 from SFUDASegmentLib.config import GMMConfig, HEALConfig
 from SFUDASegmentLib.errors import InputError
+from SFUDASegmentLib.slicer_bridge import overlay_display
 from SFUDASegmentLib.slicer_bridge import panel_support as support
+from SFUDASegmentLib.slicer_bridge.child_queries import Answer
 
 REPO = Path(__file__).resolve().parents[1]
 MODULE_FILE = REPO / "SFUDASegment" / "SFUDASegment.py"
@@ -122,7 +126,9 @@ REQUIRED_WIDGETS = {
     "seedSpinBox": "QSpinBox", "gmmIterationsSpinBox": "QSpinBox",
     "gmmLambdaSliderWidget": "ctkSliderWidget", "applyButton": "QPushButton",
     "progressBar": "QProgressBar", "stageLabel": "QLabel", "statusLabel": "QLabel",
-    "overlayComboBox": "QComboBox", "opacitySlider": "ctkSliderWidget",
+    "timeLabel": "QLabel", "logCollapsibleGroupBox": "ctkCollapsibleGroupBox",
+    "logTextEdit": "QPlainTextEdit", "overlayComboBox": "QComboBox",
+    "opacitySlider": "ctkSliderWidget", "overlayThresholdSlider": "ctkSliderWidget",
     "colorLegendLabel": "QLabel", "candidateTableView": "qMRMLTableView",
     "candidateSeekWidget": "qMRMLSequenceBrowserSeekWidget", "statisticsTableView": "qMRMLTableView",
 }
@@ -139,6 +145,9 @@ def test_ui_parses_with_the_panel_sections_and_widgets(ui_tree: ET.ElementTree,
                 if w.cls == "ctkCollapsibleButton"}
     assert set(sections) == {"Inputs", "Parameters", "Run", "Review"}
     assert sections["Parameters"].properties.get("collapsed") is True
+    log = ui_widgets["logCollapsibleGroupBox"]
+    assert log.properties.get("title") == "Log" and log.properties.get("collapsed") is True
+    assert ui_widgets["logTextEdit"].properties.get("readOnly") is True
 
 
 def test_ui_declares_custom_widgets_and_scene_connections(ui_tree: ET.ElementTree,
@@ -158,7 +167,8 @@ def test_every_ui_name_the_module_uses_exists(module_tree: ast.Module,
                                               ui_widgets: dict[str, UiWidget]) -> None:
     used = _ui_names_used(module_tree)
     assert {"applyButton", "progressBar", "statusLabel", "candidateTableView",
-            "candidateSeekWidget", "statisticsTableView", "modelCardLabel"} <= used
+            "candidateSeekWidget", "statisticsTableView", "modelCardLabel", "timeLabel",
+            "logTextEdit", "gpuMemoryLabel", "colorLegendLabel"} <= used
     assert not used - set(ui_widgets), f"not in the .ui: {sorted(used - set(ui_widgets))}"
 
 
@@ -189,14 +199,15 @@ def test_every_slicer_parameter_name_is_a_field_with_a_matching_connector(
              if "SlicerParameterName" in w.properties}
     assert {"inputVolume", "checkpointPath", "method", "device", "tau1", "tau2", "candidates",
             "sampler", "steps", "seed", "gmmIterations", "gmmLambda", "overlayMap",
-            "overlayOpacity"} <= set(bound)
+            "overlayOpacity", "overlayThreshold"} <= set(bound)
     for name, widget in bound.items():
         assert name in fields, f"{widget.name}: SlicerParameterName '{name}' is not a field"
         problem = _connector_problem(widget, fields[name])
         assert problem is None, f"{widget.name} -> {name}: {problem}"
     # Every value-like widget of the Parameters/Inputs/Review sections is bound.
     for name in ("methodComboBox", "deviceComboBox", "tau1SliderWidget", "candidatesSpinBox",
-                 "stepsSpinBox", "seedSpinBox", "gmmLambdaSliderWidget", "opacitySlider"):
+                 "stepsSpinBox", "seedSpinBox", "gmmLambdaSliderWidget", "opacitySlider",
+                 "overlayThresholdSlider"):
         assert "SlicerParameterName" in ui_widgets[name].properties, name
 
 
@@ -216,6 +227,7 @@ def test_field_defaults_are_valid_and_match_the_library(fields: dict[str, Field]
     assert fields["seed"].default == heal.seed
     assert fields["gmmIterations"].default == gmm.iterations
     assert fields["gmmLambda"].default == gmm.lam
+    assert fields["overlayThreshold"].default == overlay_display.DEFAULT_HIDE_BELOW
 
 
 def test_combo_box_choices_are_the_support_constants_in_label_order(fields: dict[str, Field]) -> None:
@@ -254,6 +266,19 @@ def test_module_defines_the_template_classes(module_tree: ast.Module) -> None:
     assert tests == ["test_NoAdaptationAndHeal", "test_CancelLeavesSceneUnchanged"]
 
 
+def _module_constant(tree: ast.Module, name: str):
+    found = [n.value for n in tree.body if isinstance(n, ast.Assign)
+             and any(isinstance(t, ast.Name) and t.id == name for t in n.targets)]
+    assert found, f"{name} is not set in {MODULE_FILE.name}"
+    return ast.literal_eval(found[0])
+
+
+def test_progress_bar_range_is_the_module_s(module_tree: ast.Module,
+                                            ui_widgets: dict[str, UiWidget]) -> None:
+    assert ui_widgets["progressBar"].properties["maximum"] == _module_constant(
+        module_tree, "PROGRESS_STEPS")
+
+
 def test_module_metadata_and_citations(module_tree: ast.Module) -> None:
     init = next(n for n in _class(module_tree, "SFUDASegment").body
                 if isinstance(n, ast.FunctionDef) and n.name == "__init__")
@@ -261,7 +286,7 @@ def test_module_metadata_and_citations(module_tree: ast.Module) -> None:
     assert ast.literal_eval(assigned["self.parent.title"]) == "SFUDA Segment"
     assert ast.literal_eval(assigned["self.parent.categories"]) == ["Segmentation"]
     help_text = ast.unparse(assigned["self.parent.helpText"])
-    assert "#readme" in help_text and "README" in help_text
+    assert "README" in help_text and "folder" in help_text
     thanks = ast.literal_eval(assigned["self.parent.acknowledgementText"])
     for words in ("HEAL", "Stan", "Rostami", "Diffuse-UDA", "Gong", "prototypical"):
         assert words in thanks, words
@@ -270,25 +295,67 @@ def test_module_metadata_and_citations(module_tree: ast.Module) -> None:
     assert "registerCustomSampleDataSource" in source
 
 
-def test_module_level_imports_do_not_import_torch(module_tree: ast.Module) -> None:
-    library_modules = []
-    for node in module_tree.body:
+def test_no_address_is_invented_anywhere() -> None:
+    # The project has no public repository: its addresses are set in one place when it is
+    # published (the top of CMakeLists.txt, from two empty variables), and nothing names one.
+    files = [MODULE_FILE, REPO / "README.md", REPO / "CMakeLists.txt", UI_FILE,
+             *REPO.glob("SFUDASegmentLib/**/*.py")]
+    for path in files:
+        for address in re.findall(r"https?://[^\s\"'<>)\]`]+", path.read_text()):
+            assert "sfuda" not in address.lower(), (path.name, address)
+
+
+def test_sample_data_has_a_readable_name_and_the_file_checksum(module_tree: ast.Module) -> None:
+    assert _module_constant(module_tree, "SAMPLE_NAME") == "SFUDA phantom target"
+    scan = REPO / "Resources" / "SampleData" / _module_constant(module_tree, "SAMPLE_SCAN_FILE")
+    assert hashlib.sha256(scan.read_bytes()).hexdigest() == _module_constant(
+        module_tree, "SAMPLE_SCAN_SHA256")
+    register = next(n for n in ast.walk(module_tree) if isinstance(n, ast.Call)
+                    and ast.unparse(n.func).endswith("registerCustomSampleDataSource"))
+    keywords = {k.arg: ast.unparse(k.value) for k in register.keywords}
+    assert keywords["checksums"] == "f'SHA256:{SAMPLE_SCAN_SHA256}'"
+    assert keywords["sampleName"] == keywords["nodeNames"] == "SAMPLE_NAME"
+    assert "SFUDA phantom target" in (REPO / "README.md").read_text()
+
+
+def _library_imports(tree: ast.AST) -> list[str]:
+    """Every ``SFUDASegmentLib`` module imported in ``tree`` (``from X import Y`` gives
+    ``X.Y`` when that is a module, else ``X``)."""
+    found = []
+    for node in ast.walk(tree):
         if isinstance(node, ast.Import):
-            names = [a.name for a in node.names]
-            assert not [n for n in names if n.split(".")[0] in ("torch", "SFUDASegmentLib")], names
-        elif isinstance(node, ast.ImportFrom) and node.module.split(".")[0] == "SFUDASegmentLib":
+            found += [a.name for a in node.names if a.name.split(".")[0] == "SFUDASegmentLib"]
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "SFUDASegmentLib":
             for alias in node.names:
                 candidate = f"{node.module}.{alias.name}"
-                library_modules.append(candidate if (REPO / (candidate.replace(".", "/") + ".py")
-                                                     ).is_file() else node.module)
+                found.append(candidate if (REPO / (candidate.replace(".", "/") + ".py")).is_file()
+                             else node.module)
+    return sorted(set(found))
+
+
+def test_slicer_process_never_imports_torch_through_the_module_file(module_tree: ast.Module) -> None:
+    for node in module_tree.body:
+        if isinstance(node, ast.Import):
+            assert not [a.name for a in node.names if a.name.split(".")[0] == "torch"]
         elif isinstance(node, ast.ImportFrom):
             assert node.module.split(".")[0] != "torch"
-    assert library_modules, "the module is expected to import its torch-free helpers"
-    code = (f"import sys; sys.path.insert(0, {str(REPO)!r}); "
-            + "; ".join(f"import {m}" for m in library_modules)
-            + "; print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'slicer', 'qt', 'vtk')))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "[]", (library_modules, out.stdout)
+    # Every library module the module imports, at the top or in any function of the panel and
+    # the logic (the self-test aside), imports in a process where importing torch fails.
+    outside_test = ast.Module(body=[n for n in module_tree.body if not (
+        isinstance(n, ast.ClassDef) and n.name == "SFUDASegmentTest")], type_ignores=[])
+    modules = _library_imports(outside_test)
+    assert {"SFUDASegmentLib.slicer_bridge.panel_support", "SFUDASegmentLib.results.files",
+            "SFUDASegmentLib.slicer_bridge.mrml", "SFUDASegmentLib.data.io"} <= set(modules)
+    code = (f"import sys; sys.path.insert(0, {str(REPO)!r})\n"
+            "class NoTorch:\n"
+            "    def find_spec(self, name, path=None, target=None):\n"
+            "        if name.split('.')[0] == 'torch': raise ImportError('torch blocked')\n"
+            "sys.meta_path.insert(0, NoTorch())\n"
+            + "".join(f"import {m}\n" for m in modules)
+            + "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'slicer', 'qt', 'vtk')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "[]", (modules, out.stdout)
 
 
 def test_module_file_compiles_for_python_3_9(module_tree: ast.Module) -> None:
@@ -460,21 +527,31 @@ def test_model_card_text_of_a_real_checkpoint(tmp_path: Path) -> None:
 
 
 def test_short_texts() -> None:
-    assert support.gpu_memory_text(None).startswith("No CUDA GPU")
-    assert support.gpu_memory_text((3 * 1024.0, 8 * 1024.0)) == "GPU memory: 3.0 GiB free of 8.0 GiB"
-    assert support.stage_label("diffusion_sampling") == "Diffusion sampling"
-    assert support.stage_label("") == ""
-    legend = support.overlay_legend_text("entropy", 0.0, math.log2(3), "Inferno")
+    assert support.devices_text(None) == "Looking for GPUs..."
+    cpu = Answer({"torch": "2.3.1+cpu", "cuda_build": None, "gpus": []})
+    assert support.devices_text(cpu) == ("No CUDA GPU found (PyTorch 2.3.1+cpu, CPU-only build): "
+                                         "the methods run on the CPU (slower).")
+    gpus = Answer({"torch": "2.5.0", "cuda_build": "12.4", "gpus": [
+        {"device": "cuda:0", "name": "RTX <A>", "free_mib": 3 * 1024.0, "total_mib": 8 * 1024.0},
+        {"device": "cuda:1", "name": "H100", "free_mib": 70 * 1024.0, "total_mib": 80 * 1024.0}]})
+    assert support.devices_text(gpus) == ("cuda:0: RTX &lt;A&gt;, 3.0 GiB free of 8.0 GiB<br>"
+                                          "cuda:1: H100, 70.0 GiB free of 80.0 GiB")
+    assert "no usable GPU" in support.devices_text(Answer({"torch": "2.5", "cuda_build": "12.4"}))
+    assert support.devices_text(Answer(error="boom")).endswith("boom")
+    legend = support.overlay_legend_text("entropy", 0.0, math.log2(3), "Inferno", 0.158)
     assert "Voxel entropy (bits)" in legend and "0 (confident)" in legend and "1.58" in legend
+    assert "Transparent below 0.158" in legend
+    assert "Transparent" not in support.overlay_legend_text("entropy", 0.0, 1.0, "Inferno", 0.0)
     assert "candidate" in support.overlay_legend_text("candidate", 0, 1, "Grey")
 
 
-def test_missing_requirements_never_include_simpleitk_or_torch() -> None:
-    assert support.missing_requirements(lambda name: object()) == []
-    everything_missing = support.missing_requirements(lambda name: None)
-    assert everything_missing == ["scikit-image>=0.21", "opencv-python-headless>=4.8",
-                                  "scipy>=1.10", "tqdm>=4.60"]
-    assert not [r for r in everything_missing if r.lower().startswith(("simpleitk", "torch"))]
-    only_cv2 = support.missing_requirements(lambda name: None if name == "cv2" else object())
-    assert only_cv2 == ["opencv-python-headless>=4.8"]
-    assert support.torch_installed(lambda name: None) is False
+def test_model_card_shows_terminology_and_unusable_entries() -> None:
+    card = {"classes": [{"value": 1, "name": "necrosis", "color": [1, 0, 0]},
+                        {"value": 2, "name": "vessel", "color": [0, 0, 1]}],
+            "provenance": {"terminology": {"vessel": {"category": "SCT^85756007^Tissue",
+                                                      "type": "SCT^59820001^Blood vessel"},
+                                           "lesion": "not an entry"}}}
+    text = support.format_model_card(card)
+    assert "<b>Terminology:</b> necrosis = Necrosis (SCT 6574001), vessel = Blood vessel " \
+           "(SCT 59820001)" in text
+    assert "Terminology of class &#x27;lesion&#x27; ignored" in text

@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
-import torch
 
 from ..config import LabelClass
 from ..data.geometry import Volume
@@ -31,6 +30,8 @@ def write_result(result: Result, out_dir: str | Path, input_path: Optional[str] 
     Returns:
         The report dict written to ``report.json``.
     """
+    import torch  # here, not at module level: the Slicer panel reads results without PyTorch
+
     geometry = result.geometry
     files: dict[str, str] = {}
     with StagedOutputDir(out_dir) as stage:

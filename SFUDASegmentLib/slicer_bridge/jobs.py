@@ -141,6 +141,7 @@ class BackgroundJob:
         self.events: list[dict[str, Any]] = []
         self._process: Optional[subprocess.Popen] = None
         self._queue: "queue.Queue[dict[str, Any]]" = queue.Queue()
+        self._log_queue: "queue.Queue[str]" = queue.Queue()
         self._stdout: list[str] = []
         self._stderr_tail: collections.deque[str] = collections.deque(maxlen=STDERR_TAIL_LINES)
         self._error_event: Optional[dict[str, Any]] = None
@@ -268,6 +269,16 @@ class BackgroundJob:
         self.events.extend(arrived)
         return arrived
 
+    def read_log_lines(self) -> list[str]:
+        """The stderr lines that were not JSON events (warnings, tracebacks) and arrived since
+        the last call (never blocks); the panel's log shows them beside the events."""
+        lines: list[str] = []
+        while True:
+            try:
+                lines.append(self._log_queue.get_nowait())
+            except queue.Empty:
+                return lines
+
     def last_progress(self) -> Optional[dict[str, Any]]:
         """The most recent progress event polled so far, or None."""
         for event in reversed(self.events):
@@ -316,8 +327,10 @@ class BackgroundJob:
         for line in stream:
             event = parse_event_line(line)
             if event is None:
+                text = line.rstrip("\r\n")
                 with self._lock:
-                    self._stderr_tail.append(line.rstrip("\r\n"))
+                    self._stderr_tail.append(text)
+                self._log_queue.put(text)
                 continue
             if event["type"] == "error":
                 self._error_event = event

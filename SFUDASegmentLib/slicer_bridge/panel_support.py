@@ -1,5 +1,5 @@
 """Pure helpers of the Slicer panel: the ``sfuda adapt`` command line, model-card checks and
-texts, dependency lists.
+texts (what to install is ``dependencies.py``).
 
 Everything the module file ``SFUDASegment.py`` decides without Qt lives here so that it is
 tested without Slicer. This module imports neither Slicer, Qt nor PyTorch: the panel imports it
@@ -9,13 +9,15 @@ before it has checked that PyTorch is installed.
 from __future__ import annotations
 
 import html
-import importlib.util
 import math
 import os
 import re
 from typing import Any, Callable, Mapping, Optional, Sequence
 
+from ..config import LabelClass
 from ..errors import InputError
+from .child_queries import Answer
+from .terminology import card_terminology, class_terminology, type_code
 
 #: The methods the panel offers, with their labels.
 METHODS: tuple[str, ...] = ("none", "heal", "gmm")
@@ -67,17 +69,9 @@ OVERLAY_NODE_KEYS: dict[str, str] = {
 OVERLAY_LABELS: dict[str, str] = {"entropy": "Entropy", "nig_variance": "NIG variance",
                                   "candidate": "Selected candidate"}
 
-#: Importable module -> pip requirement, for what Slicer does not ship. PyTorch comes from the
-#: PyTorch extension; SimpleITK, numpy and vtk ship with Slicer and are never reinstalled.
-PIP_REQUIREMENTS: dict[str, str] = {
-    "skimage": "scikit-image>=0.21",
-    "cv2": "opencv-python-headless>=4.8",
-    "scipy": "scipy>=1.10",
-    "tqdm": "tqdm>=4.60",
-}
-
-#: Minimum PyTorch version (asked from the PyTorch extension).
-TORCH_REQUIREMENT = ">=2.1"
+#: Title of each map's colour legend in the views.
+OVERLAY_LEGEND_TITLES: dict[str, str] = {"entropy": "Voxel entropy (bits)",
+                                         "nig_variance": "NIG variance (normalised)"}
 
 
 # ----------------------------------------------------------------------------- command line
@@ -297,9 +291,20 @@ def _color_hex(color: Sequence[float]) -> str:
     return f"#{r:02x}{g:02x}{b:02x}"
 
 
+def _label_class(entry: Mapping[str, Any]) -> LabelClass:
+    """A model card's class entry (``{"value", "name", "color"}``) as a :class:`LabelClass`."""
+    return LabelClass(int(entry["value"]), str(entry["name"]), tuple(entry.get("color", (1, 0, 0))))
+
+
+def card_classes(card: Optional[Mapping[str, Any]]) -> list[LabelClass]:
+    """The classes of a model card."""
+    return [_label_class(c) for c in (card or {}).get("classes", [])]
+
+
 def format_model_card(card: Mapping[str, Any]) -> str:
     """The model card as short rich text for a label: classes with their colours, modality,
-    dims, networks, what the file contains, the methods and the training provenance."""
+    dims, networks, what the file contains, the methods, the classes' standard terminology
+    (and card entries that could not be used) and the training provenance."""
     esc = html.escape
     classes = ", ".join(
         f'<span style="color:{_color_hex(c.get("color", (1, 0, 0)))}">&#9632;</span> '
@@ -321,6 +326,13 @@ def format_model_card(card: Mapping[str, Any]) -> str:
                                                  else "yes"))
     lines.append("<b>Methods:</b> " + ", ".join(
         METHOD_LABELS.get(m, m) for m in card.get("methods", [])))
+    known = class_terminology(card_classes(card), card)
+    _, problems = card_terminology(card)
+    if known:
+        lines.append("<b>Terminology:</b> " + ", ".join(
+            "{0} = {3} ({1} {2})".format(esc(name), *(esc(code) for code in type_code(entry)))
+            for name, entry in known.items()))
+    lines.extend(f'<span style="color:#d35400">{esc(p)}</span>' for p in problems)
     provenance = card.get("provenance") or {}
     if provenance.get("data"):
         trained = f"<b>Trained on:</b> {esc(str(provenance['data']))}"
@@ -331,42 +343,36 @@ def format_model_card(card: Mapping[str, Any]) -> str:
     return "<br>".join(lines)
 
 
-def stage_label(stage: str) -> str:
-    """A progress stage name (``"diffusion_sampling"``) as panel text (``"Diffusion sampling"``)."""
-    text = stage.replace("_", " ").replace("-", " ").strip()
-    return text[:1].upper() + text[1:]
+def devices_text(answer: Optional[Answer]) -> str:
+    """The answer of ``sfuda devices --json`` (a :class:`child_queries.Answer`) as panel text."""
+    if answer is None:
+        return "Looking for GPUs..."
+    if not answer.ok:
+        return f"Could not list the compute devices: {html.escape(str(answer.error))}"
+    inventory = answer.value
+    gpus = inventory.get("gpus") or []
+    if not gpus:
+        build = "CPU-only build" if not inventory.get("cuda_build") else \
+            f"CUDA {inventory.get('cuda_build')} build, no usable GPU"
+        return (f"No CUDA GPU found (PyTorch {html.escape(str(inventory.get('torch')))}, {build}): "
+                "the methods run on the CPU (slower).")
+    return "<br>".join(
+        f"{html.escape(str(g['device']))}: {html.escape(str(g['name']))}, "
+        f"{float(g['free_mib']) / 1024:.1f} GiB free of {float(g['total_mib']) / 1024:.1f} GiB"
+        for g in gpus)
 
 
-def gpu_memory_text(info: Optional[tuple[float, float]]) -> str:
-    """``device.gpu_memory_info()`` as a line for the panel."""
-    if info is None:
-        return "No CUDA GPU found: the methods run on the CPU (slower)."
-    free, total = info
-    return f"GPU memory: {free / 1024:.1f} GiB free of {total / 1024:.1f} GiB"
-
-
-def overlay_legend_text(choice: str, low: float, high: float, color_table: str) -> str:
-    """The colour legend of an overlay map: what it shows and what the colour range means."""
+def overlay_legend_text(choice: str, low: float, high: float, color_table: str,
+                        hidden_below: Optional[float] = None) -> str:
+    """The colour legend of an overlay map: what it shows, what the colours mean, and below
+    which value it is transparent."""
     if choice == "candidate":
         return ("Selected HEAL candidate (source-style image rendered from the denoised labels; "
                 "slices without denoised labels are not rendered and stay blank); "
                 "browse the others with the slider below.")
-    what = {"entropy": "Voxel entropy (bits)", "nig_variance": "NIG variance (epistemic)"}.get(
-        choice, choice)
-    return (f"{what}, colour table {color_table}: dark = {low:.3g} (confident) to "
+    what = OVERLAY_LEGEND_TITLES.get(choice, choice)
+    text = (f"{what}, colour table {color_table}: dark = {low:.3g} (confident) to "
             f"bright = {high:.3g} (uncertain).")
-
-
-# ----------------------------------------------------------------------------- dependencies
-
-
-def missing_requirements(find_spec: Callable[[str], Any] = importlib.util.find_spec) -> list[str]:
-    """pip requirements of the importable modules that are missing (PyTorch excluded; it comes
-    from the PyTorch extension). Never lists SimpleITK, which Slicer ships."""
-    return [requirement for module, requirement in PIP_REQUIREMENTS.items()
-            if find_spec(module) is None]
-
-
-def torch_installed(find_spec: Callable[[str], Any] = importlib.util.find_spec) -> bool:
-    """True when ``import torch`` can work (checked without importing it)."""
-    return find_spec("torch") is not None
+    if hidden_below is not None and hidden_below > low:
+        text += f" Transparent below {hidden_below:.3g}, where the model is confident."
+    return text

@@ -1,10 +1,16 @@
-"""Compute device selection, mixed precision, memory measurement and out-of-memory retries."""
+"""Compute device selection, mixed precision, memory measurement and out-of-memory retries.
+
+Nothing here is Unix-only at import time: the peak memory of the process is read with
+``ctypes`` on Windows, ``resource`` (imported when needed) on macOS and Linux, and
+``/proc/self/status`` where ``resource`` is missing.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import gc
-import resource
+import math
 import sys
 import time
 from dataclasses import dataclass, field
@@ -75,8 +81,59 @@ def free_memory(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
+class _ProcessMemoryCounters(ctypes.Structure):
+    """Windows ``PROCESS_MEMORY_COUNTERS`` (psapi.h): two DWORDs then eight SIZE_T fields."""
+
+    _fields_ = [("cb", ctypes.c_uint32), ("PageFaultCount", ctypes.c_uint32),
+                ("PeakWorkingSetSize", ctypes.c_size_t), ("WorkingSetSize", ctypes.c_size_t),
+                ("QuotaPeakPagedPoolUsage", ctypes.c_size_t), ("QuotaPagedPoolUsage", ctypes.c_size_t),
+                ("QuotaPeakNonPagedPoolUsage", ctypes.c_size_t),
+                ("QuotaNonPagedPoolUsage", ctypes.c_size_t), ("PagefileUsage", ctypes.c_size_t),
+                ("PeakPagefileUsage", ctypes.c_size_t)]
+
+
+def _windows_peak_working_set_mb() -> float:
+    """Peak working set of this process (``GetProcessMemoryInfo``), in MiB; NaN on failure."""
+    kernel32 = ctypes.WinDLL("kernel32")
+    psapi = ctypes.WinDLL("psapi")
+    kernel32.GetCurrentProcess.restype = ctypes.c_void_p
+    psapi.GetProcessMemoryInfo.argtypes = [ctypes.c_void_p, ctypes.POINTER(_ProcessMemoryCounters),
+                                           ctypes.c_uint32]
+    psapi.GetProcessMemoryInfo.restype = ctypes.c_int
+    counters = _ProcessMemoryCounters()
+    counters.cb = ctypes.sizeof(counters)
+    if not psapi.GetProcessMemoryInfo(kernel32.GetCurrentProcess(), ctypes.byref(counters), counters.cb):
+        return math.nan
+    return counters.PeakWorkingSetSize / 2**20
+
+
+def peak_rss_from_proc_status(text: str) -> float:
+    """The ``VmHWM`` line of a Linux ``/proc/<pid>/status`` text (peak resident set), in MiB;
+    NaN when the text has none."""
+    for line in text.splitlines():
+        if line.startswith("VmHWM:"):
+            return float(line.split()[1]) / 1024.0  # the kernel writes it in kB
+    return math.nan
+
+
 def process_peak_rss_mb() -> float:
-    """Peak resident memory of this process so far, in MiB (Linux kB, macOS bytes)."""
+    """Peak resident memory of this process so far, in MiB (NaN where the system offers no way
+    to read it).
+
+    Windows: the peak working set (``GetProcessMemoryInfo`` through ``ctypes``). macOS and
+    Linux: ``resource.getrusage`` (``ru_maxrss`` is in bytes on macOS, kB elsewhere); without
+    the ``resource`` module, Linux's ``/proc/self/status`` (``VmHWM``).
+    """
+    if sys.platform == "win32":
+        return _windows_peak_working_set_mb()
+    try:
+        import resource
+    except ImportError:
+        try:
+            with open("/proc/self/status", encoding="ascii", errors="replace") as handle:
+                return peak_rss_from_proc_status(handle.read())
+        except OSError:
+            return math.nan
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / (1024.0 * 1024.0) if sys.platform == "darwin" else peak / 1024.0
 
@@ -87,6 +144,26 @@ def gpu_memory_info(device: torch.device | None = None) -> tuple[float, float] |
         return None
     free, total = torch.cuda.mem_get_info(device)
     return free / 2**20, total / 2**20
+
+
+def device_inventory() -> dict:
+    """What this PyTorch build can compute on (``sfuda devices --json``; the Slicer panel reads
+    it from a child process so that Slicer itself never imports PyTorch).
+
+    Returns:
+        ``{"torch": version, "cuda_build": CUDA version of the build or None, "cuda_available":
+        bool, "cpu_threads": int, "gpus": [{"device": "cuda:<i>", "name": str, "total_mib":
+        float, "free_mib": float}, ...]}``.
+    """
+    gpus = []
+    available = torch.cuda.is_available()
+    if available:
+        for index in range(torch.cuda.device_count()):
+            free, total = torch.cuda.mem_get_info(index)
+            gpus.append({"device": f"cuda:{index}", "name": torch.cuda.get_device_name(index),
+                         "total_mib": total / 2**20, "free_mib": free / 2**20})
+    return {"torch": torch.__version__, "cuda_build": torch.version.cuda,
+            "cuda_available": available, "cpu_threads": torch.get_num_threads(), "gpus": gpus}
 
 
 @dataclass
