@@ -331,6 +331,9 @@ class GMMConfig:
         min_class_share: every class gets at least this share of the prototype samples (then
             renormalised), so that rare classes keep anchoring the classifier.
         freeze_classifier: keep the 1x1 classifier fixed.
+        guard_agreement: keep the source model's segmentation (and warn) when the adapted
+            foreground agrees with the source foreground below this Dice; 0 disables the guard
+            (see ``gmm/harm_guard.py``).
         seed, amp: reproducibility and mixed precision on GPU.
     """
 
@@ -347,6 +350,7 @@ class GMMConfig:
     pseudo_confidence: float = 0.9
     min_class_share: float = 0.001
     freeze_classifier: bool = False
+    guard_agreement: float = 0.0
     seed: int = 0
     amp: bool = True
 

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from ..checkpoint import SourceCheckpoint
 from ..config import GMMConfig, InferenceConfig, to_dict
 from ..data.geometry import Volume
+from ..data.labels import indices_to_values
 from ..errors import InputError
 from ..inference.preparation import PreparedInput, predict_indices, prepare_input
 from ..inference.segment import result_from_prediction
@@ -29,6 +30,7 @@ from ..results.result import Result
 from ..utils.device import StageTimer, autocast, free_memory, resolve_device
 from ..utils.progress import ProgressReporter, report
 from .embeddings import flatten_embedding, random_input_batch
+from .harm_guard import adaptation_signals, guard_fires, guard_message
 from .prototypes import ClassPrototypes, check_compatible
 from .swd import random_directions, sliced_wasserstein
 
@@ -103,6 +105,9 @@ def check_gmm_config(config: GMMConfig) -> None:
         raise InputError(f"class_proportions must be one of {PROPORTIONS}, got '{config.class_proportions}'.")
     if config.lam < 0 or config.lr <= 0 or config.projections < 1:
         raise InputError("lambda must be >= 0, the learning rate > 0 and projections >= 1.")
+    if not 0.0 <= config.guard_agreement <= 1.0:
+        raise InputError(f"The guard's agreement threshold is a Dice in [0, 1] (0 disables it), got "
+                         f"{config.guard_agreement}.")
     if not 0.0 <= config.min_class_share < 0.5:
         raise InputError(f"min_class_share must be in [0, 0.5) (a share of the prototype samples), got "
                          f"{config.min_class_share}. The default is 0.001.")
@@ -276,15 +281,30 @@ def gmm_adapt(volumes: Volume | Sequence[Volume], checkpoint: SourceCheckpoint,
         adaptation = adapt_model(checkpoint, targets, config, device, progress)
     free_memory(device)
     results = []
+    source_model = checkpoint.build_segmentation_net(device)
     for prepared in targets:
         with timer.stage("inference"):
             indices, probs = predict_indices(adaptation.model, prepared.image, checkpoint.input_spec,
                                              checkpoint.num_classes, inference, device, True, progress)
+            source_indices, source_probs = predict_indices(source_model, prepared.image, checkpoint.input_spec,
+                                                           checkpoint.num_classes, inference, device, True)
         with timer.stage("postprocess"):
-            result = result_from_prediction("gmm", checkpoint, prepared, indices, probs)
+            signals = adaptation_signals(source_indices, indices, prepared.foreground, checkpoint.num_classes,
+                                         source_probs, probs)
+            signals.update(swd_before=adaptation.swd_before, swd_after=adaptation.swd_after)
+            fired = guard_fires(signals, config.guard_agreement)
+            kept_indices, kept_probs = (source_indices, source_probs) if fired else (indices, probs)
+            result = result_from_prediction("gmm", checkpoint, prepared, kept_indices, kept_probs)
             result.extra.update(adaptation.report())
             result.extra["gmm"] = to_dict(config)
+            result.extra["guard"] = {"signals": signals, "threshold": config.guard_agreement, "fired": fired,
+                                     "kept": "source" if fired else "adapted"}
+            result.extra["warnings"] = [guard_message(signals, config.guard_agreement)] if fired else []
+            if fired:
+                result.label_maps["gmm_adapted_labels"] = indices_to_values(
+                    prepared.to_input_grid(indices.astype(np.int64), is_label=True), checkpoint.classes)
         results.append(result)
+    del source_model
     for result in results:
         result.timings = timer.to_dict()
         result.timings["seconds_per_iteration"] = timer.seconds["adaptation"] / max(1, len(adaptation.loss_curve))
