@@ -16,6 +16,7 @@ import io
 import json
 import os
 import pickle
+import re
 import tempfile
 import zipfile
 from dataclasses import dataclass, field
@@ -201,9 +202,15 @@ class SourceCheckpoint:
     def validate(self, source: str = "checkpoint") -> None:
         """Check that the parts agree with each other and that the weights fit the networks.
 
+        The declared sizes are checked against :data:`SIZE_BOUNDS` and the stored weights
+        against the architecture built on PyTorch's ``meta`` device (no memory) before any
+        network is built for real, so that a hostile or damaged model card cannot make the
+        library allocate memory for a network the file does not hold.
+
         Raises:
             CheckpointError: naming the inconsistent part.
         """
+        check_declared_sizes(self, source)
         if self.seg_config.out_channels != self.num_classes:
             raise CheckpointError(
                 f"'{source}': the network predicts {self.seg_config.out_channels} classes but the "
@@ -214,19 +221,27 @@ class SourceCheckpoint:
                 f"'{source}': the network takes {self.seg_config.in_channels} input channels but "
                 f"the input spec ({self.input_spec.dims}, {self.input_spec.image_channels} channel(s)) "
                 f"needs {self.input_spec.network_channels}. Re-export the checkpoint.")
+        from .nets.unet import ResidualUNet
+
         try:
+            _check_state_shapes(lambda: ResidualUNet.from_config(self.seg_config), self.seg_state,
+                                "segmentation network")
             self.build_segmentation_net("cpu")
-        except CheckpointError as error:
+        except (CheckpointError, InputError) as error:
             raise CheckpointError(f"'{source}': {error}") from error
         if self.diffusion is not None:
+            from .nets.diffusion_unet import ConditionalDiffusionUNet
+
             if self.diffusion.net_config.cond_channels != self.num_classes + 1:
                 raise CheckpointError(
                     f"'{source}': the diffusion model is conditioned on "
                     f"{self.diffusion.net_config.cond_channels} channels but the classes need "
                     f"{self.num_classes + 1} (one-hot + body). Retrain it with --diffusion.")
             try:
+                _check_state_shapes(lambda: ConditionalDiffusionUNet.from_config(self.diffusion.net_config),
+                                    self.diffusion.state_dict, "diffusion network")
                 self.build_diffusion_net("cpu")
-            except CheckpointError as error:
+            except (CheckpointError, InputError) as error:
                 raise CheckpointError(f"'{source}': {error}") from error
         if self.prototypes is not None:
             from .gmm.prototypes import ClassPrototypes, check_compatible
@@ -262,6 +277,109 @@ class SourceCheckpoint:
         card["methods"] = ["none"] + (["heal"] if self.diffusion else []) + (
             ["gmm"] if self.prototypes else [])
         return card
+
+
+#: Largest sizes a checkpoint may declare: far above any model this library trains or runs
+#: (they bound memory before a network is built), far below what a hostile card can ask for.
+SIZE_BOUNDS: dict[str, int] = {
+    "classes": 255,              # foreground classes
+    "label value": 2 ** 31 - 1,  # a class's value in label files
+    "image channels": 4,         # grey 1, RGB 3
+    "context slices": 16,        # 2.5D: neighbouring slices on each side
+    "input channels": 64,        # network input channels (2.5D: channels x slices)
+    "output channels": 256,      # segmentation classes, background included
+    "condition channels": 257,   # diffusion condition: one-hot classes + body
+    "levels": 8,                 # U-Net levels (widths per level)
+    "width": 2048,               # channels of any layer
+    "residual units": 16,        # sub-layers per residual unit / blocks per level
+    "patch axes": 3,             # a patch / window is 2D or 3D
+    "patch size": 4096,          # voxels along any axis of a training patch / window
+    "patch voxels": 512 ** 3,    # voxels of one patch / window
+    "timesteps": 10000,          # diffusion steps T
+}
+
+
+def _bounded(name: str, value: Any, low: int = 1) -> None:
+    """Raise :class:`CheckpointError` unless ``value`` is an int in ``[low, SIZE_BOUNDS[name]]``."""
+    high = SIZE_BOUNDS[name]
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise CheckpointError(
+            f"its model card declares {name} = {value!r}, outside the sane range {low}..{high}; the "
+            "file was refused before any network was built. It is damaged or was crafted; use a "
+            "checkpoint written by `sfuda train-source` from a trusted source.")
+
+
+def check_declared_sizes(checkpoint: "SourceCheckpoint", source: str = "checkpoint") -> None:
+    """Check every size a checkpoint's metadata declares against :data:`SIZE_BOUNDS`.
+
+    Runs before any network is built or memory is allocated for it.
+
+    Raises:
+        CheckpointError: the first size out of bounds, named.
+    """
+    try:
+        _bounded("classes", len(checkpoint.classes))
+        for c in checkpoint.classes:
+            _bounded("label value", c.value)
+        spec, seg = checkpoint.input_spec, checkpoint.seg_config
+        _bounded("image channels", spec.image_channels)
+        _bounded("context slices", spec.context_slices, low=0)
+        patch = tuple(spec.patch_size)
+        _bounded("patch axes", len(patch), low=2)
+        for size in patch:
+            _bounded("patch size", size)
+        voxels = 1
+        for size in patch:
+            voxels *= size
+        _bounded("patch voxels", voxels)
+        _bounded("input channels", seg.in_channels)
+        _bounded("output channels", seg.out_channels)
+        _bounded("levels", len(seg.channels))
+        for width in seg.channels:
+            _bounded("width", width)
+        _bounded("residual units", seg.res_units)
+        if checkpoint.diffusion is not None:
+            net, schedule = checkpoint.diffusion.net_config, checkpoint.diffusion.schedule
+            _bounded("image channels", net.image_channels)
+            _bounded("condition channels", net.cond_channels)
+            _bounded("levels", len(net.channel_mults))
+            for mult in net.channel_mults:
+                _bounded("width", mult)
+                _bounded("width", net.base_channels * mult)
+            _bounded("residual units", net.num_res_blocks)
+            _bounded("width", net.groups)
+            _bounded("timesteps", schedule.timesteps)
+    except TypeError as error:  # a list where a number belongs, and the like
+        raise CheckpointError(f"'{source}': its model card holds a malformed size ({error}); the "
+                              "file was refused. Re-export it with `sfuda train-source`.") from error
+    except CheckpointError as error:
+        raise CheckpointError(f"'{source}': {error}") from error
+
+
+def _check_state_shapes(build: Any, state: dict[str, torch.Tensor], what: str) -> None:
+    """Compare the stored weights with the architecture built on the ``meta`` device.
+
+    Args:
+        build: builds the network (called under ``torch.device("meta")``: no memory).
+        state: the stored weights.
+        what: the network's name in messages.
+
+    Raises:
+        CheckpointError: missing, unexpected or differently shaped weights.
+    """
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in build().state_dict().items()}
+    stored = {k: tuple(v.shape) for k, v in state.items()}
+    missing = sorted(set(expected) - set(stored))
+    unexpected = sorted(set(stored) - set(expected))
+    wrong = sorted(k for k in set(expected) & set(stored) if expected[k] != stored[k])
+    if missing or unexpected or wrong:
+        parts = ([f"missing {missing[:3]}"] if missing else []) + (
+            [f"unexpected {unexpected[:3]}"] if unexpected else []) + (
+            [f"shape of {k}: stored {stored[k]}, architecture {expected[k]}" for k in wrong[:2]])
+        raise CheckpointError(
+            f"The {what} weights do not match its stored architecture ({'; '.join(parts)}). The "
+            "checkpoint is damaged or was edited; re-export it.")
 
 
 def _tensor_dict(value: Any, name: str) -> dict[str, torch.Tensor]:
@@ -309,21 +427,32 @@ def _safe_torch_load(path: Path) -> Any:
         cut_zip = head.startswith(b"PK") and not zipfile.is_zipfile(path)
         hint = "truncated or corrupt" if ("zip" in text.lower() or "EOF" in text or cut_zip or
                                           isinstance(error, EOFError)) else "unreadable"
-        raise CheckpointError(f"Checkpoint '{path}' is {hint} ({type(error).__name__}: {text[:200]}). "
-                              "Copy the file again, or re-export it with `sfuda train-source`.") from error
+        raise CheckpointError(f"Checkpoint '{path}' is {hint} ({type(error).__name__}: "
+                              f"{_unpickler_reason(text)}). Copy the file again, or re-export it with "
+                              "`sfuda train-source`.") from error
 
 
 #: phrases of PyTorch's weights-only unpickler that mean the file asked to import or call code
 #: (every weights-only failure mentions "weights only"; random bytes fail on an unknown opcode)
 _CODE_MARKERS = ("GLOBAL", "unrecognized function", "Can only create new object", "Can only build")
 
+#: words of PyTorch's advice on how to load a refused file anyway (``weights_only=False``,
+#: allow-listing globals): never shown, since following it runs the file's code
+_UNSAFE_ADVICE = ("weights_only", "safe_globals", "allowlist", "trust", "Weights only load failed",
+                  "Please file an issue", "Check the documentation", "two options")
+
 
 def _unpickler_reason(message: str) -> str:
-    """The specific reason in PyTorch's weights-only error text, without its boilerplate (which
-    suggests ``weights_only=False``, exactly what must not be done with an untrusted file)."""
-    boilerplate = ("Weights only load failed", "Please file an issue", "Check the documentation")
-    for line in message.splitlines():
+    """The specific reason in PyTorch's error text, in our words where it names a Python object,
+    and never any of its advice to load the file unsafely (:data:`_UNSAFE_ADVICE`)."""
+    named = re.search(r"GLOBAL ([\w.]+)", message)
+    if named:
+        return f"it names the Python object '{named.group(1)}'"
+    for line in _ANSI.sub("", message).splitlines():
         line = line.strip()
-        if line and not line.startswith(boilerplate):
+        if line and not any(word.lower() in line.lower() for word in _UNSAFE_ADVICE):
             return line[:160]
     return "not a valid weights-only pickle"
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")

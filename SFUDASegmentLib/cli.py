@@ -1,62 +1,34 @@
 """The ``sfuda`` command: source training, segmentation, adaptation, evaluation, model cards, demo.
 
-Every subcommand has ``--help``; long work shows a progress bar (``--progress bar``, default),
-JSON lines on stderr (``--progress json``, used by the Slicer job runner) or nothing. Errors that
-the library raises on purpose are printed as one readable line (exit code 2); a cancelled run
-exits with 130 and writes nothing.
+Every subcommand has ``--help`` (with the defaults); long work shows progress (``--progress``,
+before or after the subcommand; see ``utils/progress_display.py``). Every command that writes
+goes through one :class:`~SFUDASegmentLib.results.staging.OutputTransaction`: its outputs are
+checked before the work (never an input, never an existing output unless ``--overwrite``,
+writable, enough free space), staged on their own file system, verified and committed all or
+nothing, with a report: ``report.json`` inside an output folder, ``<file>.report.json`` beside a
+single output file. Errors a user can cause are one line on stderr with exit code 2; Ctrl-C
+exits with 130 and SIGTERM with 143, each with one line, and nothing written.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
+import errno
 import json
+import os
+import signal
 import sys
+import threading
+import time
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 from .errors import InputError, OperationCancelled, SFUDAError
-from .utils.progress import ProgressEvent, ProgressReporter
-
-
-# ----------------------------------------------------------------------------- progress
-class _BarProgress:
-    """tqdm bars, one per stage, driven by :class:`ProgressEvent` callbacks."""
-
-    def __init__(self) -> None:
-        self.bars: dict[str, Any] = {}
-
-    def __call__(self, event: ProgressEvent) -> None:
-        from tqdm import tqdm
-
-        bar = self.bars.get(event.stage)
-        if bar is None:
-            bar = self.bars[event.stage] = tqdm(total=1000, desc=event.stage, unit="‰", leave=True,
-                                                dynamic_ncols=True, file=sys.stderr)
-        bar.n = int(round(event.fraction * 1000))
-        bar.set_postfix_str(event.message, refresh=False)
-        bar.refresh()
-
-    def close(self) -> None:
-        for bar in self.bars.values():
-            bar.close()
-
-
-def _json_progress(event: ProgressEvent) -> None:
-    """One JSON line per event on stderr (read by ``jobs.py``)."""
-    sys.stderr.write(json.dumps({"type": "progress", "stage": event.stage,
-                                 "fraction": event.fraction, "message": event.message}) + "\n")
-    sys.stderr.flush()
-
-
-def make_reporter(mode: str) -> tuple[Optional[ProgressReporter], Callable[[], None]]:
-    """A reporter for ``--progress bar|json|none`` and a function that closes it."""
-    if mode == "none":
-        return None, lambda: None
-    if mode == "json":
-        return ProgressReporter(_json_progress), lambda: None
-    bars = _BarProgress()
-    return ProgressReporter(bars), bars.close
+from .results.staging import OutputTransaction
+from .utils.progress import ProgressReporter
+from .utils.progress_display import MODES, make_reporter
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -90,10 +62,70 @@ def _print_json(data: Any) -> None:
     print(json.dumps(to_jsonable(data), indent=2))
 
 
+def _report(args: argparse.Namespace, **content: Any) -> dict[str, Any]:
+    """A command's report: the command, its arguments, ``content`` and the software versions."""
+    from .results.files import versions
+
+    arguments = {k: v for k, v in vars(args).items() if k not in ("func", "command", "progress")}
+    return {"command": args.command, "arguments": arguments, **content, "versions": versions()}
+
+
+def report_path(output_file: str | Path) -> Path:
+    """Where a command that writes one file puts its report: ``<file>.report.json`` beside it."""
+    path = Path(output_file)
+    return path.with_name(path.name + ".report.json")
+
+
+def _stage_file_with_report(outputs: OutputTransaction, path: str, label: str = "--out") -> tuple[Path, Path]:
+    """Stage an output file and its report beside it; returns both staged paths."""
+    return outputs.file(path, label), outputs.file(report_path(path), f"{label}'s report")
+
+
+def _image_channels(volumes: Sequence[Any]) -> int:
+    """3 when any training image is real colour; 1 when all are grey (an RGB image whose three
+    channels are equal is grey)."""
+    from .data.io import with_model_channels
+
+    return 3 if any(with_model_channels(v, 1).is_rgb for v in volumes) else 1
+
+
+def _parameter_bytes(*builders: Callable[[], Any]) -> int:
+    """float32 bytes of the networks' parameters, counted on the ``meta`` device (no memory)."""
+    import torch
+
+    with torch.device("meta"):
+        return sum(4 * p.numel() for build in builders for p in build().parameters())
+
+
+#: ``adapt`` without ``--method`` takes the first method of this order the checkpoint supports
+AUTO_METHOD_ORDER = ("heal", "gmm", "none")
+
+#: what each method needs from a checkpoint, in words (``sfuda info`` lists what one supports)
+_NEEDS = {"heal": "the checkpoint has a diffusion model", "gmm": "the checkpoint has class prototypes",
+          "none": "segmentation without adaptation needs only the source model"}
+
+
+def choose_adapt_method(checkpoint: Any, requested: Optional[str]) -> dict[str, str]:
+    """The method ``adapt`` runs and why (recorded in ``report.json``): ``--method`` when given,
+    else the first of :data:`AUTO_METHOD_ORDER` that the checkpoint supports.
+
+    Returns:
+        ``method``, ``chosen`` (``"--method"`` or ``"automatically"``) and ``reason``.
+    """
+    if requested is not None:
+        return {"method": requested, "chosen": "--method", "reason": "given on the command line"}
+    supported = checkpoint.describe()["methods"]
+    method = next(m for m in AUTO_METHOD_ORDER if m in supported)
+    return {"method": method, "chosen": "automatically",
+            "reason": f"{_NEEDS[method]}; {method} is the first of {', '.join(AUTO_METHOD_ORDER)} it supports"}
+
+
 # ----------------------------------------------------------------------------- commands
-def cmd_train_source(args: argparse.Namespace, progress: Optional[ProgressReporter]) -> int:
+def cmd_train_source(args: argparse.Namespace, progress: Optional[ProgressReporter],
+                     outputs: OutputTransaction) -> dict[str, Any]:
     from .config import DiffusionTrainingConfig, InputSpec, TrainingConfig, parse_labels
     from .data.io import read_image, read_label
+    from .nets.unet import ResidualUNet
     from .training.segmentation import default_seg_config, train_source
 
     images, labels = list(args.image or []), list(args.label or [])
@@ -104,11 +136,16 @@ def cmd_train_source(args: argparse.Namespace, progress: Optional[ProgressReport
     if not images or len(images) != len(labels):
         raise InputError(f"Got {len(images)} --image and {len(labels)} --label; give one label per "
                          "image (repeat --image/--label, or --pairs pairs.csv).")
+    outputs.add_inputs([args.pairs, *images, *labels])
+    out = Path(args.out)
+    state_path = out.with_suffix(out.suffix + ".train-state")
+    outputs.add_working(state_path, "the training state")
+    staged, staged_report = _stage_file_with_report(outputs, args.out)
     classes = parse_labels(args.labels)
     allowed = {0} | {c.value for c in classes}
     volumes = [read_image(p) for p in images]
     label_maps = [read_label(p, allowed_values=allowed) for p in labels]
-    channels = 3 if volumes[0].is_rgb else 1
+    channels = _image_channels(volumes)
     default_patch = (64, 64, 64) if args.dims == "3d" else (128, 128)
     patch = _ints(args.patch_size, "patch-size") if args.patch_size else default_patch
     spec = InputSpec(dims=args.dims, modality=args.modality, image_channels=channels,
@@ -116,14 +153,14 @@ def cmd_train_source(args: argparse.Namespace, progress: Optional[ProgressReport
     config = TrainingConfig(epochs=args.epochs, iterations_per_epoch=args.iterations,
                             batch_size=args.batch_size, lr=args.lr, seed=args.seed, device=args.device)
     seg_config = default_seg_config(spec, 1 + len(classes), _ints(args.channels, "channels"))
+    outputs.require_free_space(_parameter_bytes(lambda: ResidualUNet.from_config(seg_config)), "the checkpoint")
     diffusion = None
     if args.diffusion:
         diffusion = DiffusionTrainingConfig(iterations=args.diffusion_iterations, seed=args.seed,
                                             device=args.device, batch_size=args.batch_size)
-    out = Path(args.out)
     outcome = train_source(volumes, label_maps, classes, spec, config, seg_config, diffusion,
                            progress=progress, case_names=[Path(p).name for p in images],
-                           resume_path=out.with_suffix(out.suffix + ".train-state") if args.resume else None)
+                           resume_path=state_path if args.resume else None)
     checkpoint = outcome.checkpoint
     if args.prototypes:
         from .config import GMMConfig
@@ -131,49 +168,67 @@ def cmd_train_source(args: argparse.Namespace, progress: Optional[ProgressReport
 
         checkpoint = fit_prototypes(checkpoint, volumes, label_maps, GMMConfig(rho=args.rho, seed=args.seed),
                                     device=args.device, progress=progress)
-    checkpoint.save(out)
-    _print_json({"checkpoint": str(out), "best_epoch": outcome.best_epoch,
-                 "validation_mean_dice": outcome.best_val_dice, "history": outcome.history})
-    return 0
+    checkpoint.save(staged)
+    summary = {"checkpoint": str(out), "best_epoch": outcome.best_epoch,
+               "validation_mean_dice": outcome.best_val_dice, "history": outcome.history}
+    outputs.write_json(staged_report, _report(args, **summary, model_card=checkpoint.describe()))
+    return summary
 
 
-def cmd_segment(args: argparse.Namespace, progress: Optional[ProgressReporter]) -> int:
+def cmd_segment(args: argparse.Namespace, progress: Optional[ProgressReporter],
+                outputs: OutputTransaction) -> dict[str, Any]:
     from .checkpoint import SourceCheckpoint
     from .config import InferenceConfig
     from .data.io import read_image
     from .inference.segment import segment
-    from .results.files import write_result
+    from .results.files import result_bytes, write_result_files
 
+    outputs.add_inputs([args.checkpoint, args.image])
+    folder = outputs.folder(args.out)
     checkpoint = SourceCheckpoint.load(args.checkpoint)
     volume = read_image(args.image)
+    outputs.require_free_space(result_bytes(volume.array.shape[:volume.geometry.ndim],
+                                            float_maps=int(args.uncertainty), label_maps=1))
     config = InferenceConfig(device=args.device, batch_size=args.batch_size, overlap=args.overlap)
     result = segment(checkpoint, volume, config, "probabilities" if args.uncertainty else "labels", progress)
-    report = write_result(result, args.out, input_path=args.image, checkpoint_path=args.checkpoint)
-    _print_json({"out": args.out, "seconds": report["timings"]["total_seconds"],
-                 "structures": report["structure_stats"]})
-    return 0
+    report = write_result_files(result, folder, input_path=args.image, checkpoint_path=args.checkpoint)
+    outputs.write_json(folder / "report.json", _report(args, **report))
+    return {"out": args.out, "seconds": report["timings"]["total_seconds"],
+            "structures": report["structure_stats"]}
 
 
-def cmd_adapt(args: argparse.Namespace, progress: Optional[ProgressReporter]) -> int:
+def cmd_adapt(args: argparse.Namespace, progress: Optional[ProgressReporter],
+              outputs: OutputTransaction) -> Any:
     from .checkpoint import SourceCheckpoint
     from .config import GMMConfig, HEALConfig, InferenceConfig
     from .data.io import read_image
-    from .results.files import write_result
+    from .results.files import result_bytes, write_result_files
 
+    outputs.add_inputs([args.checkpoint, *args.image])
+    folder = outputs.folder(args.out)
+    adapted_path = outputs.file(args.save_adapted, "--save-adapted") if args.save_adapted else None
     checkpoint = SourceCheckpoint.load(args.checkpoint)
-    if args.save_adapted and (args.method != "gmm" or Path(args.save_adapted).resolve() == Path(args.checkpoint).resolve()):
-        raise InputError(f"--save-adapted '{args.save_adapted}' must name a new file (the source checkpoint is never "
-                         "overwritten) and needs --method gmm (the other methods change no weights).")
+    choice = choose_adapt_method(checkpoint, args.method)
+    method = choice["method"]
+    if args.method is None:
+        print(f"adapt: method {method}, chosen because {choice['reason']} (--method chooses another)",
+              file=sys.stderr)
+    if args.save_adapted and method != "gmm":
+        raise InputError(f"--save-adapted needs --method gmm (method {method} changes no weights); "
+                         "drop --save-adapted or pass --method gmm.")
     volumes = [read_image(p) for p in args.image]
     inference = InferenceConfig(device=args.device, batch_size=args.batch_size)
-    if args.method != "gmm" and len(volumes) > 1:
-        raise InputError(f"--method {args.method} adapts one image at a time; give one --image "
+    if method != "gmm" and len(volumes) > 1:
+        raise InputError(f"--method {method} adapts one image at a time; give one --image "
                          "(several --image are for --method gmm).")
-    if args.method == "none":
+    maps = {"none": (1, 1), "heal": (2 + args.candidates, 5), "gmm": (1, 2)}[method]
+    outputs.require_free_space(sum(result_bytes(v.array.shape[:v.geometry.ndim], *maps) for v in volumes)
+                               + (os.path.getsize(args.checkpoint) if adapted_path else 0))
+    if method == "none":
         from .inference.segment import segment
 
         results = [segment(checkpoint, volumes[0], inference, "probabilities", progress)]
-    elif args.method == "heal":
+    elif method == "heal":
         from .heal import heal_adapt
 
         config = HEALConfig(tau1=args.tau1, tau2=args.tau2, candidates=args.candidates,
@@ -188,24 +243,30 @@ def cmd_adapt(args: argparse.Namespace, progress: Optional[ProgressReporter]) ->
         config = GMMConfig(iterations=args.iterations, lam=args.lam, lr=args.lr, seed=args.seed,
                            freeze_classifier=args.freeze_classifier, class_proportions=args.class_proportions)
         results, adaptation = gmm_adapt(volumes, checkpoint, config, inference, progress)
-        if args.save_adapted:
-            adapted_checkpoint(checkpoint, adaptation, config, list(args.image)).save(args.save_adapted)
-    outputs = []
+        if adapted_path is not None:
+            adapted_checkpoint(checkpoint, adaptation, config, list(args.image)).save(adapted_path)
+    outputs_list = []
     for i, (result, path) in enumerate(zip(results, args.image)):
-        out = Path(args.out) if len(results) == 1 else Path(args.out) / f"case_{i:03d}_{Path(path).name.split('.')[0]}"
-        report = write_result(result, out, input_path=path, checkpoint_path=args.checkpoint)
-        if args.method == "gmm":
+        name = "" if len(results) == 1 else f"case_{i:03d}_{Path(path).name.split('.')[0]}"
+        report = write_result_files(result, folder / name, input_path=path, checkpoint_path=args.checkpoint)
+        if method == "gmm":
             from .gmm.plots import write_embedding_plot
 
-            write_embedding_plot(result, out / "embeddings_pca.png")
-        outputs.append({"out": str(out), "seconds": report["timings"]["total_seconds"],
-                        "selected_index": report["selected_index"],
-                        "structures": report["structure_stats"]})
-    _print_json(outputs[0] if len(outputs) == 1 else outputs)
-    return 0
+            write_embedding_plot(result, folder / name / "embeddings_pca.png")
+            report["files"]["embeddings_pca"] = "embeddings_pca.png"
+        outputs.write_json(folder / name / "report.json",
+                           _report(args, **report, method_choice=choice, adapted_checkpoint=args.save_adapted))
+        outputs_list.append({"out": str(Path(args.out) / name), "seconds": report["timings"]["total_seconds"],
+                             "selected_index": report["selected_index"],
+                             "structures": report["structure_stats"]})
+    if len(results) > 1:
+        outputs.write_json(folder / "report.json", _report(args, method_choice=choice, cases=outputs_list,
+                                                           adapted_checkpoint=args.save_adapted))
+    return outputs_list[0] if len(outputs_list) == 1 else outputs_list
 
 
-def cmd_fit_prototypes(args: argparse.Namespace, progress: Optional[ProgressReporter]) -> int:
+def cmd_fit_prototypes(args: argparse.Namespace, progress: Optional[ProgressReporter],
+                       outputs: OutputTransaction) -> dict[str, Any]:
     from .checkpoint import SourceCheckpoint
     from .config import GMMConfig
     from .data.io import read_image, read_label
@@ -213,18 +274,23 @@ def cmd_fit_prototypes(args: argparse.Namespace, progress: Optional[ProgressRepo
 
     if not args.image or len(args.image) != len(args.label or []):
         raise InputError("Give one --label per --image (labelled source cases).")
+    outputs.add_inputs([args.checkpoint, *args.image, *args.label])
+    staged, staged_report = _stage_file_with_report(outputs, args.out)
     checkpoint = SourceCheckpoint.load(args.checkpoint)
+    outputs.require_free_space(os.path.getsize(args.checkpoint), "the checkpoint")
     allowed = {0} | {c.value for c in checkpoint.classes}
     images = [read_image(p) for p in args.image]
     labels = [read_label(p, allowed_values=allowed) for p in args.label]
     fitted = fit_prototypes(checkpoint, images, labels, GMMConfig(rho=args.rho, seed=args.seed),
                             device=args.device, progress=progress)
-    fitted.save(args.out)
-    _print_json({"checkpoint": args.out, "prototypes": fitted.describe()["prototypes"]})
-    return 0
+    fitted.save(staged)
+    summary = {"checkpoint": args.out, "prototypes": fitted.describe()["prototypes"]}
+    outputs.write_json(staged_report, _report(args, **summary))
+    return summary
 
 
-def cmd_diffuse_uda(args: argparse.Namespace, progress: Optional[ProgressReporter]) -> int:
+def cmd_diffuse_uda(args: argparse.Namespace, progress: Optional[ProgressReporter],
+                    outputs: OutputTransaction) -> dict[str, Any]:
     from .config import InputSpec, parse_labels
     from .data.io import read_image, read_label
     from .diffuse_uda import DiffuseUDAConfig, run_diffuse_uda
@@ -232,13 +298,17 @@ def cmd_diffuse_uda(args: argparse.Namespace, progress: Optional[ProgressReporte
     if not args.source_image or len(args.source_image) != len(args.source_label or []):
         raise InputError(f"Got {len(args.source_image or [])} --source-image and {len(args.source_label or [])} "
                          "--source-label; give one --source-label per --source-image (labelled source scans).")
+    outputs.add_inputs([*args.source_image, *args.source_label, *args.target_image])
+    if args.workdir:
+        outputs.add_working(args.workdir, "--workdir")
+    staged, staged_report = _stage_file_with_report(outputs, args.out)
     classes = parse_labels(args.labels)
     allowed = {0} | {c.value for c in classes}
     sources = [read_image(p) for p in args.source_image]
     labels = [read_label(p, allowed_values=allowed) for p in args.source_label]
     targets = [read_image(p) for p in args.target_image]
     default_patch = (64, 64, 64) if args.dims == "3d" else (128, 128)
-    spec = InputSpec(dims=args.dims, modality=args.modality, image_channels=3 if sources[0].is_rgb else 1,
+    spec = InputSpec(dims=args.dims, modality=args.modality, image_channels=_image_channels(sources),
                      patch_size=_ints(args.patch_size, "patch-size") if args.patch_size else default_patch)
     diffusion_widths = _ints(args.diffusion_channels, "diffusion-channels")
     if not diffusion_widths or any(w < 1 or w % diffusion_widths[0] for w in diffusion_widths):
@@ -254,36 +324,44 @@ def cmd_diffuse_uda(args: argparse.Namespace, progress: Optional[ProgressReporte
     outcome = run_diffuse_uda(sources, labels, targets, classes, spec, config,
                               Path(args.workdir) if args.workdir else None, progress,
                               [Path(p).name for p in args.source_image], [Path(p).name for p in args.target_image])
-    outcome.checkpoint.save(args.out)
-    _print_json({"checkpoint": args.out, "stages": outcome.stages, "timings": outcome.timings,
-                 "synthetic_dataset": str(outcome.manifest_path) if outcome.manifest_path else None})
-    return 0
+    outcome.checkpoint.save(staged)
+    summary = {"checkpoint": args.out, "stages": outcome.stages, "timings": outcome.timings,
+               "synthetic_dataset": str(outcome.manifest_path) if outcome.manifest_path else None}
+    outputs.write_json(staged_report, _report(args, **summary))
+    return summary
 
 
-def cmd_synthesize(args: argparse.Namespace, progress: Optional[ProgressReporter]) -> int:
+def cmd_synthesize(args: argparse.Namespace, progress: Optional[ProgressReporter],
+                   outputs: OutputTransaction) -> dict[str, Any]:
     from .checkpoint import SourceCheckpoint
     from .data.io import read_image, read_label
     from .diffuse_uda import synthesize_from_label_maps
 
+    outputs.add_inputs([args.checkpoint, *args.label, *(args.image or [])])
+    folder = outputs.folder(args.out)
     checkpoint = SourceCheckpoint.load(args.checkpoint)
     allowed = {0} | {c.value for c in checkpoint.classes}
     label_maps = [read_label(p, allowed_values=allowed) for p in args.label]
     images = [read_image(p) for p in args.image] if args.image else None
     if images is not None and len(images) != len(label_maps):
         raise InputError("Give one --image per --label (or none).")
-    manifest = synthesize_from_label_maps(checkpoint, label_maps, args.n, args.out, deform=args.deform,
+    manifest = synthesize_from_label_maps(checkpoint, label_maps, args.n, folder, deform=args.deform,
                                           images=images, sampler=args.sampler, steps=args.steps, seed=args.seed,
                                           device=args.device, progress=progress)
-    _print_json({"manifest": str(manifest)})
-    return 0
+    summary = {"manifest": str(outputs.final_path(manifest))}
+    outputs.write_json(folder / "report.json", _report(args, **summary, pairs=args.n))
+    return summary
 
 
-def cmd_evaluate(args: argparse.Namespace, progress: Optional[ProgressReporter]) -> int:
+def cmd_evaluate(args: argparse.Namespace, progress: Optional[ProgressReporter],
+                 outputs: OutputTransaction) -> dict[str, Any]:
     import numpy as np
 
     from .data.io import check_same_geometry, read_image
     from .evaluation.metrics import evaluate, parse_regions
 
+    outputs.add_inputs([args.pred, args.gt])
+    staged = _stage_file_with_report(outputs, args.json, "--json") if args.json else None
     pred, ref = read_image(args.pred), read_image(args.gt)
     check_same_geometry(ref, pred)
     values = sorted(int(v) for v in np.union1d(np.unique(pred.array), np.unique(ref.array)) if v != 0)
@@ -295,23 +373,21 @@ def cmd_evaluate(args: argparse.Namespace, progress: Optional[ProgressReporter])
         labels = values
     regions = parse_regions(args.regions) if args.regions else None
     scores = evaluate(pred.array.astype(np.int64), ref.array.astype(np.int64), pred.spacing, labels,
-                      regions, nsd_tolerance_mm=args.nsd_tolerance)
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        from .evaluation.metrics import to_jsonable
-
-        Path(args.json).write_text(json.dumps(to_jsonable(scores), indent=2))
-    _print_json(scores)
-    return 0
+                      regions, nsd_tolerance_mm=args.nsd_tolerance, progress=progress)
+    if staged is not None:
+        outputs.write_json(staged[0], scores)
+        outputs.write_json(staged[1], _report(args, scores=args.json, mean_dice=scores["mean_dice"]))
+    return scores
 
 
-def cmd_info(args: argparse.Namespace, progress: Optional[ProgressReporter]) -> int:
+def cmd_info(args: argparse.Namespace, progress: Optional[ProgressReporter],
+             outputs: OutputTransaction) -> None:
     from .checkpoint import SourceCheckpoint
 
     card = SourceCheckpoint.load(args.checkpoint).describe()
     if args.json:
         _print_json(card)
-        return 0
+        return None
     print(f"SFUDASegment checkpoint: {args.checkpoint}")
     print(f"  modality: {card['modality']}   dims: {card['dims']}   "
           f"image channels: {card['input_spec']['image_channels']}")
@@ -330,16 +406,17 @@ def cmd_info(args: argparse.Namespace, progress: Optional[ProgressReporter]) -> 
     if prov:
         print(f"  trained on: {prov.get('data', '?')}; validation mean Dice "
               f"{prov.get('validation_mean_dice', float('nan')):.3f}")
-    return 0
+    return None
 
 
-def cmd_devices(args: argparse.Namespace, progress: Optional[ProgressReporter]) -> int:
+def cmd_devices(args: argparse.Namespace, progress: Optional[ProgressReporter],
+                outputs: OutputTransaction) -> None:
     from .utils.device import device_inventory
 
     inventory = device_inventory()
     if args.json:
         _print_json(inventory)
-        return 0
+        return None
     build = f"CUDA {inventory['cuda_build']}" if inventory["cuda_build"] else "CPU-only"
     print(f"PyTorch {inventory['torch']} ({build} build), {inventory['cpu_threads']} CPU threads")
     for gpu in inventory["gpus"]:
@@ -347,32 +424,55 @@ def cmd_devices(args: argparse.Namespace, progress: Optional[ProgressReporter]) 
               f"{gpu['total_mib'] / 1024:.1f} GiB")
     if not inventory["gpus"]:
         print("  no CUDA GPU: the methods run on the CPU")
-    return 0
+    return None
 
 
-def cmd_demo(args: argparse.Namespace, progress: Optional[ProgressReporter]) -> int:
+def cmd_demo(args: argparse.Namespace, progress: Optional[ProgressReporter],
+             outputs: OutputTransaction) -> dict[str, Any]:
     from .demo import run_demo
 
-    summary = run_demo(Path(args.out), quick=args.quick, device=args.device, train=args.train,
-                       progress=progress, sample_data_dir=args.write_sample_data)
-    _print_json(summary)
-    return 0
+    return run_demo(Path(args.out), quick=args.quick, device=args.device, train=args.train,
+                    progress=progress, sample_data_dir=args.write_sample_data, outputs=outputs,
+                    report_extra=_report(args))
 
 
 # ----------------------------------------------------------------------------- parser
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """``--help`` shows each option's default, except for flags and options without one."""
+
+    def _get_help_string(self, action: argparse.Action) -> Optional[str]:
+        if any(action.default is value for value in (None, False, argparse.SUPPRESS)):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand."""
     parser = argparse.ArgumentParser(
-        prog="sfuda", description="Source-free domain adaptation for medical image segmentation "
+        prog="sfuda", formatter_class=_HelpFormatter,
+        description="Source-free domain adaptation for medical image segmentation "
         "(HEAL, GMM-adapted inference, Diffuse-UDA).")
-    parser.add_argument("--progress", choices=("bar", "json", "none"), default="bar",
-                        help="progress display: tqdm bars (default), JSON lines on stderr, or none")
+    progress_help = ("progress on stderr: bars on a terminal (plain lines in a log), plain lines, "
+                     "JSON lines (for scripts) or none")
+    parser.add_argument("--progress", choices=MODES, default="bar", help=progress_help)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, help_text: str, func: Callable[..., Any], writes: bool = True) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_text, description=help_text, formatter_class=_HelpFormatter)
+        p.add_argument("--progress", choices=MODES, default=argparse.SUPPRESS,
+                       help=progress_help + " (also accepted before the command; default: bar)")
+        if writes:
+            p.add_argument("--overwrite", action="store_true",
+                           help="replace an existing output whole (an output folder loses every earlier "
+                                "file); never allowed for an input")
+        p.set_defaults(func=func)
+        return p
 
     def device_arg(p: argparse.ArgumentParser) -> None:
         p.add_argument("--device", default="auto", help="auto (GPU when available), cpu or cuda")
 
-    p = sub.add_parser("train-source", help="train a source model (and its diffusion model) into a .sfuda checkpoint")
+    p = command("train-source", "train a source model (and its diffusion model) into a .sfuda checkpoint",
+                cmd_train_source)
     p.add_argument("--image", action="append", help="source image (repeat with --label)")
     p.add_argument("--label", action="append", help="its label map (same geometry)")
     p.add_argument("--pairs", help="CSV with 'image,label' per line instead of/as well as --image/--label")
@@ -380,45 +480,47 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dims", choices=("2d", "2.5d", "3d"), default="2d", help="network type")
     p.add_argument("--modality", default="MR", help="modality name stored in the model card, e.g. T1c")
     p.add_argument("--context", type=int, default=1, help="2.5D: neighbouring slices on each side")
-    p.add_argument("--out", required=True, help="output checkpoint, e.g. model.sfuda")
-    p.add_argument("--epochs", type=int, default=20)
+    p.add_argument("--out", required=True,
+                   help="output checkpoint, e.g. model.sfuda (its report: model.sfuda.report.json)")
+    p.add_argument("--epochs", type=int, default=20, help="training epochs")
     p.add_argument("--iterations", type=int, default=50, help="iterations per epoch")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--patch-size", help="e.g. 128,128 (2D) or 64,64,64 (3D)")
+    p.add_argument("--batch-size", type=int, default=8, help="patches per iteration")
+    p.add_argument("--lr", type=float, default=2e-3, help="learning rate")
+    p.add_argument("--patch-size", help="e.g. 128,128 (2D) or 64,64,64 (3D); default 128,128 or 64,64,64")
     p.add_argument("--channels", default="16,32,64,128", help="U-Net width per level")
     p.add_argument("--diffusion", action="store_true", help="also train the conditional diffusion model (HEAL)")
-    p.add_argument("--diffusion-iterations", type=int, default=2000)
+    p.add_argument("--diffusion-iterations", type=int, default=2000, help="diffusion training iterations")
     p.add_argument("--prototypes", action="store_true", help="also fit the GMM class prototypes (GMM adaptation)")
     p.add_argument("--rho", type=float, default=0.97, help="with --prototypes: confidence threshold of the voxels they are fitted on")
     p.add_argument("--resume", action="store_true", help="resume an interrupted run (state file beside --out)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="random seed")
     device_arg(p)
-    p.set_defaults(func=cmd_train_source)
 
-    p = sub.add_parser("segment", help="segment an image with a checkpoint, no adaptation")
-    p.add_argument("--checkpoint", required=True)
-    p.add_argument("--image", required=True)
-    p.add_argument("--out", required=True, help="output folder")
+    p = command("segment", "segment an image with a checkpoint, no adaptation", cmd_segment)
+    p.add_argument("--checkpoint", required=True, help="the .sfuda checkpoint")
+    p.add_argument("--image", required=True, help="the image to segment")
+    p.add_argument("--out", required=True, help="output folder (new or empty; holds report.json)")
     p.add_argument("--uncertainty", action="store_true", help="also write probabilities' entropy map")
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--overlap", type=float, default=0.5)
+    p.add_argument("--batch-size", type=int, default=4, help="slices/windows per forward pass")
+    p.add_argument("--overlap", type=float, default=0.5, help="3D sliding-window overlap")
     device_arg(p)
-    p.set_defaults(func=cmd_segment)
 
-    p = sub.add_parser("adapt", help="adapt the source model to target image(s): none, heal or gmm")
-    p.add_argument("--method", choices=("none", "heal", "gmm"), default="heal")
-    p.add_argument("--checkpoint", required=True)
+    p = command("adapt", "adapt the source model to target image(s): none, heal or gmm", cmd_adapt)
+    p.add_argument("--method", choices=("none", "heal", "gmm"),
+                   help="adaptation method; default: the first of " + ", ".join(AUTO_METHOD_ORDER)
+                   + " that the checkpoint supports (see `sfuda info`)")
+    p.add_argument("--checkpoint", required=True, help="the .sfuda checkpoint (never modified)")
     p.add_argument("--image", action="append", required=True,
                    help="target image (repeat for several with --method gmm)")
-    p.add_argument("--out", required=True, help="output folder (one sub-folder per image when several)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True,
+                   help="output folder, new or empty (one sub-folder per image when several)")
+    p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument("--batch-size", type=int, default=4, help="slices/windows per forward pass")
     h = p.add_argument_group("HEAL")
     h.add_argument("--tau1", type=float, default=0.2, help="entropy threshold")
     h.add_argument("--tau2", type=float, default=0.2, help="normalised NIG variance threshold")
     h.add_argument("--candidates", type=int, default=6, help="n diffusion candidates")
-    h.add_argument("--sampler", choices=("ddpm", "ddim"), default="ddim")
+    h.add_argument("--sampler", choices=("ddpm", "ddim"), default="ddim", help="diffusion sampler")
     h.add_argument("--steps", type=int, default=50, help="DDIM steps (DDPM always uses all T)")
     h.add_argument("--stages", choices=("hd", "hd+egs", "heal"), default="heal",
                    help="ablation: denoising only, + edge-guided selection, full HEAL")
@@ -426,40 +528,41 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--render-all-slices", action="store_true",
                    help="2D model on a volume: also render slices whose denoised labels are empty")
     g = p.add_argument_group("GMM")
-    g.add_argument("--iterations", type=int, default=100)
+    g.add_argument("--iterations", type=int, default=100, help="adaptation iterations")
     g.add_argument("--lambda", dest="lam", type=float, default=0.5, help="weight of the SWD term")
-    g.add_argument("--lr", type=float, default=5e-5)
-    g.add_argument("--freeze-classifier", action="store_true")
+    g.add_argument("--lr", type=float, default=5e-5, help="learning rate")
+    g.add_argument("--freeze-classifier", action="store_true", help="keep the 1x1 classifier fixed")
     g.add_argument("--class-proportions", choices=("source", "pseudo"), default="source",
-                   help="prototype samples per class: source priors (default) or the target's confident "
+                   help="prototype samples per class: source priors or the target's confident "
                         "pseudo-label shares")
     g.add_argument("--save-adapted", help="also write the adapted model as a new checkpoint")
     device_arg(p)
-    p.set_defaults(func=cmd_adapt)
 
-    p = sub.add_parser("fit-prototypes", help="add GMM class prototypes to a checkpoint (labelled source cases)")
-    p.add_argument("--checkpoint", required=True)
-    p.add_argument("--image", action="append", required=True)
-    p.add_argument("--label", action="append", required=True)
-    p.add_argument("--out", required=True, help="new checkpoint (the input file is not modified)")
+    p = command("fit-prototypes", "add GMM class prototypes to a checkpoint (labelled source cases)",
+                cmd_fit_prototypes)
+    p.add_argument("--checkpoint", required=True, help="the .sfuda checkpoint (never modified)")
+    p.add_argument("--image", action="append", required=True, help="labelled source image (repeat)")
+    p.add_argument("--label", action="append", required=True, help="its label map (repeat)")
+    p.add_argument("--out", required=True,
+                   help="new checkpoint, never the input (its report: <out>.report.json)")
     p.add_argument("--rho", type=float, default=0.97, help="confidence threshold")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="random seed")
     device_arg(p)
-    p.set_defaults(func=cmd_fit_prototypes)
 
-    p = sub.add_parser("diffuse-uda", help="source side: ASCPlus + diffusion synthesis + retraining -> checkpoint")
-    p.add_argument("--source-image", action="append", required=True)
-    p.add_argument("--source-label", action="append", required=True)
+    p = command("diffuse-uda", "source side: ASCPlus + diffusion synthesis + retraining -> checkpoint",
+                cmd_diffuse_uda)
+    p.add_argument("--source-image", action="append", required=True, help="labelled source scan (repeat)")
+    p.add_argument("--source-label", action="append", required=True, help="its label map (repeat)")
     p.add_argument("--target-image", action="append", required=True, help="unlabelled target scans")
     p.add_argument("--labels", required=True, help="classes as 'value:name,...'")
-    p.add_argument("--dims", choices=("2d", "2.5d", "3d"), default="2d")
-    p.add_argument("--modality", default="MR")
-    p.add_argument("--patch-size", help="e.g. 128,128 (2D) or 64,64,64 (3D)")
-    p.add_argument("--out", required=True, help="output checkpoint")
+    p.add_argument("--dims", choices=("2d", "2.5d", "3d"), default="2d", help="network type")
+    p.add_argument("--modality", default="MR", help="modality name stored in the model card")
+    p.add_argument("--patch-size", help="e.g. 128,128 (2D) or 64,64,64 (3D); default 128,128 or 64,64,64")
+    p.add_argument("--out", required=True, help="output checkpoint (its report: <out>.report.json)")
     p.add_argument("--workdir", help="stage outputs (resumable) and the synthetic dataset")
     p.add_argument("--synthetic-scale", type=float, default=2.0, help="synthetic pairs per source sample (0: none)")
     p.add_argument("--iterations", type=int, default=1000, help="ASCPlus and retraining iterations")
-    p.add_argument("--diffusion-iterations", type=int, default=2000)
+    p.add_argument("--diffusion-iterations", type=int, default=2000, help="diffusion training iterations")
     p.add_argument("--batch-size", type=int, default=4, help="segmentation batch (ASCPlus and retraining)")
     p.add_argument("--channels", default="16,32,64,128", help="segmentation U-Net width per level")
     p.add_argument("--diffusion-channels", default="32,64,64,128",
@@ -467,67 +570,140 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=50, help="DDIM steps when synthesizing")
     p.add_argument("--no-fourier", action="store_true", help="ablation: no Fourier appearance transfer")
     p.add_argument("--no-deform", action="store_true", help="ablation: no deformable augmentation")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="random seed")
     device_arg(p)
-    p.set_defaults(func=cmd_diffuse_uda)
 
-    p = sub.add_parser("synthesize", help="generate image-label pairs from label maps with the diffusion model")
-    p.add_argument("--checkpoint", required=True)
+    p = command("synthesize", "generate image-label pairs from label maps with the diffusion model",
+                cmd_synthesize)
+    p.add_argument("--checkpoint", required=True, help="a .sfuda checkpoint with a diffusion model")
     p.add_argument("--label", action="append", required=True, help="label map (repeat for several)")
     p.add_argument("--image", action="append", help="its image (optional: gives the body outline)")
     p.add_argument("--n", type=int, default=8, help="number of pairs")
     p.add_argument("--deform", action="store_true", help="deform the label maps first")
-    p.add_argument("--sampler", choices=("ddpm", "ddim"), default="ddim")
-    p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--out", required=True, help="dataset folder (NIfTI pairs + manifest.json)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--sampler", choices=("ddpm", "ddim"), default="ddim", help="diffusion sampler")
+    p.add_argument("--steps", type=int, default=50, help="DDIM steps")
+    p.add_argument("--out", required=True,
+                   help="dataset folder, new or empty (NIfTI pairs, manifest.json, report.json)")
+    p.add_argument("--seed", type=int, default=0, help="random seed")
     device_arg(p)
-    p.set_defaults(func=cmd_synthesize)
 
-    p = sub.add_parser("evaluate", help="Dice, IoU, ASD, ASSD, HD95, NSD of a segmentation against a reference")
-    p.add_argument("--pred", required=True)
-    p.add_argument("--gt", required=True)
+    p = command("evaluate", "Dice, IoU, ASD, ASSD, HD95, NSD of a segmentation against a reference",
+                cmd_evaluate)
+    p.add_argument("--pred", required=True, help="the segmentation to score")
+    p.add_argument("--gt", required=True, help="the reference segmentation")
     p.add_argument("--labels", help="classes as 'value:name,...' (default: every value present)")
     p.add_argument("--regions", help="unions of labels, e.g. 'WT=1,2,4;TC=1,4;ET=4'")
     p.add_argument("--nsd-tolerance", type=float, default=1.0, help="NSD tolerance in mm")
-    p.add_argument("--json", help="also write the scores to this file")
-    p.set_defaults(func=cmd_evaluate)
+    p.add_argument("--json", help="also write the scores to this file (its report: <file>.report.json)")
 
-    p = sub.add_parser("info", help="show a checkpoint's model card")
-    p.add_argument("checkpoint")
+    p = command("info", "show a checkpoint's model card", cmd_info, writes=False)
+    p.add_argument("checkpoint", help="the .sfuda checkpoint")
     p.add_argument("--json", action="store_true", help="print the card as JSON")
-    p.set_defaults(func=cmd_info)
 
-    p = sub.add_parser("devices", help="the PyTorch build and the GPUs it can use, with their free memory")
+    p = command("devices", "the PyTorch build and the GPUs it can use, with their free memory", cmd_devices,
+                writes=False)
     p.add_argument("--json", action="store_true", help="print the inventory as JSON")
-    p.set_defaults(func=cmd_devices)
 
-    p = sub.add_parser("demo", help="end-to-end demo on synthetic two-modality phantoms")
-    p.add_argument("--out", required=True, help="output folder")
+    p = command("demo", "end-to-end demo on synthetic two-modality phantoms", cmd_demo)
+    p.add_argument("--out", required=True, help="output folder, new or empty (holds report.json)")
     p.add_argument("--quick", action="store_true", help="tiny models and data (for tests)")
     p.add_argument("--train", action="store_true", help="train the demo checkpoint even when one is bundled")
     p.add_argument("--write-sample-data", metavar="DIR",
                    help="also write the checkpoint and target scan as Slicer sample data (Resources/SampleData)")
     device_arg(p)
-    p.set_defaults(func=cmd_demo)
     return parser
 
 
+# ----------------------------------------------------------------------------- running
+class Terminated(BaseException):
+    """SIGTERM arrived (e.g. the Slicer job runner cancelled the job)."""
+
+
+@contextlib.contextmanager
+def _sigterm_raises() -> Iterator[None]:
+    """While the block runs, SIGTERM raises :class:`Terminated` (so that staged output is
+    removed) instead of ending the process at once; main thread and platforms with SIGTERM."""
+    number = getattr(signal, "SIGTERM", None)
+    if number is None or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        raise Terminated()
+
+    try:
+        previous = signal.signal(number, handler)
+    except (OSError, ValueError):
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(number, signal.SIG_DFL if previous is None else previous)
+
+
+def _one_line(text: str) -> str:
+    """A message on one line (whitespace runs, newlines included, become one space)."""
+    return " ".join(str(text).split())
+
+
+def _os_error_text(error: OSError) -> str:
+    """An operating-system error as one sentence with its fix."""
+    where = f" '{error.filename}'" if error.filename else ""
+    if error.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
+        return (f"the disk is full ({error.strerror}{where}); nothing was written. Free space or choose "
+                "another output location.")
+    if error.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        return (f"{error.strerror}{where}; nothing was written. Check the permissions, or choose an "
+                "output location you may write to.")
+    if error.strerror is None:
+        return f"{error}; nothing was written."
+    return f"{error.strerror}{where}; nothing was written. Check the path and try again."
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Entry point of the ``sfuda`` console script; returns the exit code."""
+    """Entry point of the ``sfuda`` console script; returns the exit code.
+
+    Exit codes: 0 success; 2 an error the user can fix (one line on stderr, and a JSON error
+    line with ``--progress json``); 130 Ctrl-C or a cancel; 143 SIGTERM. Only success writes.
+    """
     args = build_parser().parse_args(argv)
     progress, close = make_reporter(args.progress)
-    try:
-        return int(args.func(args, progress))
-    except OperationCancelled as error:
-        print(f"cancelled: {error}", file=sys.stderr)
-        return 130
-    except SFUDAError as error:
+    outputs = OutputTransaction(overwrite=getattr(args, "overwrite", False))
+
+    def fail(kind: str, message: str) -> int:
+        message = _one_line(message)
         if args.progress == "json":
-            sys.stderr.write(json.dumps({"type": "error", "error": type(error).__name__,
-                                         "message": str(error)}) + "\n")
-        print(f"error: {error}", file=sys.stderr)
+            sys.stderr.write(json.dumps({"type": "error", "error": kind, "message": message}) + "\n")
+        print(f"error: {message}", file=sys.stderr)
         return 2
+
+    try:
+        with _sigterm_raises():
+            with outputs:
+                summary = args.func(args, progress, outputs)
+        if summary is not None:
+            _print_json(summary)
+        return 0
+    except OperationCancelled as error:
+        print(f"cancelled: {_one_line(error)}", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:
+        done = "the output was already complete" if outputs.committed else "nothing was written"
+        print(f"cancelled: interrupted (Ctrl-C); {done}.", file=sys.stderr)
+        return 130
+    except Terminated:
+        print("terminated: stopped by SIGTERM; " + ("the output was already complete."
+                                                    if outputs.committed else "nothing was written."),
+              file=sys.stderr)
+        return 143
+    except SFUDAError as error:
+        return fail(type(error).__name__, str(error))
+    except OSError as error:
+        return fail("OSError", _os_error_text(error))
+    except MemoryError:
+        return fail("MemoryError", "out of memory. Use a smaller --batch-size, a smaller image or a "
+                                   "machine with more memory.")
     finally:
         close()
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import cv2
 import numpy as np
@@ -26,9 +26,11 @@ from .config import (DiffusionTrainingConfig, GMMConfig, HEALConfig,
 from .data.geometry import Volume
 from .data.io import write_image
 from .data.synthetic import Phantom, make_phantom, make_phantom_set
+from .errors import OutputError
 from .evaluation.metrics import evaluate
 from .results.result import Result
-from .results.staging import StagedOutputDir
+from .results.files import result_bytes, versions
+from .results.staging import OutputTransaction
 from .utils.progress import ProgressReporter, report
 
 
@@ -165,33 +167,47 @@ def overview_png(case: Phantom, results: dict[str, Result], scores: dict[str, fl
     return np.concatenate(rows, axis=0)
 
 
-def write_sample_data(folder: Path, checkpoint: SourceCheckpoint,
+#: the Slicer sample data files, in the order :func:`write_sample_data` takes their paths
+SAMPLE_FILES = ("phantom_demo.sfuda", "phantom_target.nrrd", "phantom_target_labels.nrrd")
+
+
+def write_sample_data(paths: Sequence[Path], checkpoint: SourceCheckpoint,
                       settings: DemoSettings = DemoSettings()) -> list[Path]:
-    """Write the Slicer sample data: the demo checkpoint, the target scan and its labels (NRRD)."""
+    """Write the Slicer sample data: the demo checkpoint, the target scan and its labels (NRRD).
+
+    Args:
+        paths: where to write each of :data:`SAMPLE_FILES` (e.g. staged output files).
+    """
     case = demo_target(settings)
-    folder.mkdir(parents=True, exist_ok=True)
-    return [checkpoint.save(folder / "phantom_demo.sfuda"),
-            write_image(case.target, folder / "phantom_target.nrrd"),
-            write_image(case.labels, folder / "phantom_target_labels.nrrd")]
+    checkpoint_path, image_path, labels_path = paths
+    return [checkpoint.save(checkpoint_path), write_image(case.target, image_path),
+            write_image(case.labels, labels_path)]
 
 
 def run_demo(out_dir: Path, quick: bool = False, device: str = "auto", train: bool = False,
-             progress: Optional[ProgressReporter] = None,
-             sample_data_dir: Optional[Path] = None) -> dict[str, Any]:
+             progress: Optional[ProgressReporter] = None, sample_data_dir: Optional[Path] = None,
+             outputs: Optional[OutputTransaction] = None,
+             report_extra: Optional[dict[str, Any]] = None) -> dict[str, Any]:
     """Run the demo and write its files into ``out_dir`` (all or nothing).
 
     Args:
-        out_dir: output folder.
+        out_dir: output folder (new or empty; see ``output_guard.py``).
         quick: fewer candidates, steps and iterations (tests); tiny models when training.
         device: ``auto`` | ``cpu`` | ``cuda``.
         train: train the demo checkpoint even when one is bundled.
         progress: progress/cancel reporter.
         sample_data_dir: also write the (trained) checkpoint and target scan there, as the
-            Slicer sample data (``Resources/SampleData``).
+            Slicer sample data (``Resources/SampleData``, files :data:`SAMPLE_FILES`).
+        outputs: the run's output transaction (the CLI's, which commits after the demo
+            returns); None commits the demo's own before returning.
+        report_extra: added to ``report.json``.
 
     Returns:
         Summary: checkpoint origin, Dice per method, seconds per stage.
     """
+    if outputs is None:
+        with OutputTransaction() as own:
+            return run_demo(out_dir, quick, device, train, progress, sample_data_dir, own, report_extra)
     from .gmm import gmm_adapt
     from .heal import heal_adapt
     from .inference.segment import segment
@@ -200,24 +216,30 @@ def run_demo(out_dir: Path, quick: bool = False, device: str = "auto", train: bo
     seconds: dict[str, float] = {}
     start = time.perf_counter()
     bundle = None if train else bundled_resources()
+    origin = "trained now" if bundle is None else str(bundle / "phantom_demo.sfuda")
+    outputs.add_inputs([None if bundle is None else origin])
+    folder = outputs.folder(out_dir)
+    sample_paths = None if sample_data_dir is None else [
+        outputs.file(Path(sample_data_dir) / name, "--write-sample-data") for name in SAMPLE_FILES]
+    shape = demo_target(QUICK if quick and bundle is None else settings).target.array.shape
+    outputs.require_free_space(result_bytes(shape, float_maps=4, label_maps=5), "the demo")
     if bundle is not None:
-        checkpoint = SourceCheckpoint.load(bundle / "phantom_demo.sfuda")
-        origin = str(bundle / "phantom_demo.sfuda")
+        checkpoint = SourceCheckpoint.load(origin)
     else:
         settings = QUICK if quick else settings
         checkpoint = train_demo_checkpoint(settings, device, progress)
-        origin = "trained now"
     if quick:
         settings = replace(settings, candidates=QUICK.candidates, steps=QUICK.steps,
                            gmm_iterations=QUICK.gmm_iterations)
-    if sample_data_dir is not None:
-        write_sample_data(Path(sample_data_dir), checkpoint, settings)
+    if sample_paths is not None:
+        write_sample_data(sample_paths, checkpoint, settings)
     seconds["checkpoint"] = time.perf_counter() - start
     case = demo_target(settings)
     inference = InferenceConfig(device=device)
     results: dict[str, Result] = {}
     for name in ("none", "heal", "gmm"):
-        report(progress, "demo", len(results) / 3, f"running {name}")
+        report(progress, "demo", len(results) / 3, f"running {name}", done=len(results), total=3,
+               unit="methods")
         t0 = time.perf_counter()
         if name == "none":
             results[name] = segment(checkpoint, case.target, inference, "probabilities", progress)
@@ -232,25 +254,31 @@ def run_demo(out_dir: Path, quick: bool = False, device: str = "auto", train: bo
     labels = {c.name: c.value for c in case.classes}
     metrics = {name: evaluate(r.labels, case.labels.array, case.labels.spacing, labels) for name, r in results.items()}
     mean_dice = {name: float(m["mean_dice"]) for name, m in metrics.items()}
-    with StagedOutputDir(out_dir) as stage:
-        geometry = case.target.geometry
-        write_image(case.target, stage.path("target_image.nii.gz"))
-        write_image(case.source, stage.path("same_case_in_source_modality.nii.gz"))
-        write_image(case.labels, stage.path("reference_labels.nii.gz"))
-        for name, result in results.items():
-            write_image(Volume(result.labels, geometry), stage.path(f"segmentation_{name}.nii.gz"))
-        for map_name, values in results["heal"].maps.items():
-            write_image(Volume(values, geometry), stage.path(f"heal_{map_name}.nii.gz"))
-        write_image(Volume(results["heal"].label_maps["refined_labels"], geometry),
-                    stage.path("heal_refined_labels.nii.gz"))
-        cv2.imwrite(str(stage.path("overview.png")), overview_png(case, results, mean_dice))
-        summary = {"checkpoint": origin, "target": {"shape": list(settings.shape), "gap": settings.gap,
-                                                    "seed": settings.target_seed},
-                   "mean_dice": mean_dice, "seconds": seconds, "metrics": metrics,
-                   "heal": {"scores": results["heal"].candidate_scores,
-                            "selected": results["heal"].selected_index},
-                   "gmm": {"swd_before": results["gmm"].extra["swd_before"],
-                           "swd_after": results["gmm"].extra["swd_after"]}}
-        stage.write_json("metrics.json", summary)
-    report(progress, "demo", 1.0, "done")
+    geometry = case.target.geometry
+    write_image(case.target, folder / "target_image.nii.gz")
+    write_image(case.source, folder / "same_case_in_source_modality.nii.gz")
+    write_image(case.labels, folder / "reference_labels.nii.gz")
+    for name, result in results.items():
+        write_image(Volume(result.labels, geometry), folder / f"segmentation_{name}.nii.gz")
+    for map_name, values in results["heal"].maps.items():
+        write_image(Volume(values, geometry), folder / f"heal_{map_name}.nii.gz")
+    write_image(Volume(results["heal"].label_maps["refined_labels"], geometry),
+                folder / "heal_refined_labels.nii.gz")
+    if not cv2.imwrite(str(folder / "overview.png"), overview_png(case, results, mean_dice)):
+        raise OutputError(f"Could not write '{out_dir}/overview.png'. Check the folder and free space.")
+    summary = {"checkpoint": origin, "target": {"shape": list(settings.shape), "gap": settings.gap,
+                                                "seed": settings.target_seed},
+               "mean_dice": mean_dice, "seconds": seconds, "metrics": metrics,
+               "heal": {"scores": results["heal"].candidate_scores,
+                        "selected": results["heal"].selected_index},
+               "gmm": {"swd_before": results["gmm"].extra["swd_before"],
+                       "swd_after": results["gmm"].extra["swd_after"]}}
+    outputs.write_json(folder / "metrics.json", summary)
+    files = sorted(p.name for p in folder.iterdir()) + ["report.json"]
+    outputs.write_json(folder / "report.json", {
+        **(report_extra or {}), "checkpoint": origin, "mean_dice": mean_dice, "seconds": seconds,
+        "files": files, "sample_data": None if sample_data_dir is None else [
+            str(Path(sample_data_dir) / name) for name in SAMPLE_FILES],
+        "versions": versions()})
+    report(progress, "demo", 1.0, "done", done=3, total=3, unit="methods")
     return {k: summary[k] for k in ("checkpoint", "mean_dice", "seconds")} | {"out": str(out_dir)}

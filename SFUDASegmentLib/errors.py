@@ -23,3 +23,8 @@ class DeviceError(SFUDAError, RuntimeError):
 
 class OperationCancelled(SFUDAError):
     """The user cancelled a running operation; nothing was written."""
+
+
+class OutputError(SFUDAError):
+    """An output that must not or cannot be written: it would overwrite an input, exists
+    without ``overwrite``, or its folder is read-only or full. Nothing was written."""

@@ -2,7 +2,7 @@
 
 Every case must give exit code 2 (or the library's typed error) with a message that names the
 problem, write nothing in ``--out`` (absent stays absent, an existing folder keeps its files
-byte for byte) and leave the input files' bytes unchanged.
+byte for byte, also with ``--overwrite``) and leave the input files' bytes unchanged.
 """
 
 from __future__ import annotations
@@ -128,7 +128,7 @@ def test_segment_refuses_bad_input(capsys, files, tmp_path, existing_out, image,
                                    words, out_exists):
     out = existing_out if out_exists else tmp_path / "new_result"
     argv = ["segment", "--checkpoint", str(files[checkpoint]), "--image", str(files[image]),
-            "--out", str(out), "--device", "cpu", *extra]
+            "--out", str(out), "--device", "cpu", *extra, *(["--overwrite"] if out_exists else [])]
     _expect_exit_2(capsys, argv, words, [files[image], files[checkpoint]], out)
 
 
@@ -143,7 +143,7 @@ def test_cuda_requested_without_cuda(capsys, files, tmp_path, no_cuda, command):
 
 def test_adapt_refuses_nan_volume(capsys, files, existing_out):
     argv = ["adapt", "--method", "none", "--checkpoint", str(files["ckpt_2d"]), "--image",
-            str(files["nan"]), "--out", str(existing_out), "--device", "cpu"]
+            str(files["nan"]), "--out", str(existing_out), "--device", "cpu", "--overwrite"]
     _expect_exit_2(capsys, argv, ["NaN"], [files["nan"]], existing_out)
 
 
@@ -170,7 +170,8 @@ def test_train_source_refuses_bad_input(capsys, files, tmp_path, image, label, e
     if model_exists:
         out.write_bytes(b"an earlier model")
     argv = ["train-source", "--image", str(files[image]), "--label", str(files[label]),
-            "--out", str(out), "--device", "cpu", *TRAIN_FLAGS, *(extra or ["--labels", LABELS])]
+            "--out", str(out), "--device", "cpu", *TRAIN_FLAGS, *(extra or ["--labels", LABELS]),
+            *(["--overwrite"] if model_exists else [])]
     _expect_exit_2(capsys, argv, words, [files[image], files[label]], out)
     assert not out.with_suffix(".sfuda.train-state").exists()
 

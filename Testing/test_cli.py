@@ -84,7 +84,10 @@ def test_train_source_with_image_and_label_flags(capsys, training_files, tmp_pat
     assert ckpt.provenance["cases"] == [image.name for image, _ in training_files]
     assert ckpt.provenance["training"]["seed"] == 3
     assert before == [file_digest(p) for pair in training_files for p in pair]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.sfuda"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.sfuda", "m.sfuda.report.json"]
+    written = json.loads((tmp_path / "m.sfuda.report.json").read_text())
+    assert written["command"] == "train-source" and written["history"] == report["history"]
+    assert written["model_card"]["classes"] == [c for c in ckpt.describe()["classes"]]
 
 
 def test_train_source_with_a_pairs_csv(capsys, training_files, tmp_path):

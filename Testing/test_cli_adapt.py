@@ -219,7 +219,10 @@ def test_adapt_gmm_with_several_images_writes_one_folder_each(capsys, files, tmp
                             "--out", str(out), "--iterations", "2", "--device", "cpu")
     assert code == 0, err
     folders = sorted(p.name for p in out.iterdir())
-    assert folders == ["case_000_image_a", "case_001_image_b"]
+    assert folders == ["case_000_image_a", "case_001_image_b", "report.json"]
+    folders = folders[:2]
+    summary = json.loads((out / "report.json").read_text())
+    assert summary["method_choice"]["method"] == "gmm" and len(summary["cases"]) == 2
     for folder, image in zip(folders, ("image_a", "image_b")):
         assert {p.name for p in (out / folder).iterdir()} == {"segmentation.nii.gz", "entropy.nii.gz",
                                                               "report.json", "embeddings_pca.png"}
@@ -252,7 +255,7 @@ ERROR_CASES = [
     ("heal-two-images", "full", ["--method", "heal"], ("image_a", "image_b"), ["one image at a time"]),
     ("none-two-images", "full", ["--method", "none"], ("image_a", "image_b"), ["one image at a time"]),
     ("save-over-source", "full", ["--method", "gmm", "--save-adapted", "SOURCE"], ("image_a",),
-     ["must name a new file", "never overwritten"]),
+     ["is the input", "never overwritten"]),
     ("save-with-heal", "full", ["--method", "heal", "--save-adapted", "x.sfuda"], ("image_a",), ["--method gmm"]),
 ]
 

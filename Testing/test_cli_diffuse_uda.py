@@ -102,6 +102,9 @@ def test_diffuse_uda_writes_a_loadable_checkpoint_with_a_diffusion_model(first_r
     assert manifest.parent.parent == first_run["work"]
     classes, cases = read_synthetic_dataset(manifest)
     assert len(cases) == N_SOURCE and [c.value for c in classes] == [1, 2, 3]
+    report = json.loads(first_run["out"].with_name("model.sfuda.report.json").read_text())
+    assert report["command"] == "diffuse-uda" and report["stages"] == printed["stages"]
+    assert report["arguments"]["workdir"] == str(first_run["work"])
 
 
 def test_rerun_with_the_same_workdir_loads_every_stage(first_run, files, capsys):

@@ -49,8 +49,8 @@ def tiny_bundle(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.Mo
     return _stand_in(tmp_path_factory.mktemp("SampleData"), monkeypatch, tiny_full_model.path)
 
 
-def run_demo(capsys: pytest.CaptureFixture, out: Path) -> tuple[int, str, str]:
-    code = cli.main(["--progress", "none", "demo", "--quick", "--out", str(out), "--device", "cpu"])
+def run_demo(capsys: pytest.CaptureFixture, out: Path, *extra: str) -> tuple[int, str, str]:
+    code = cli.main(["--progress", "none", "demo", "--quick", "--out", str(out), "--device", "cpu", *extra])
     captured = capsys.readouterr()
     return code, captured.out, captured.err
 
@@ -61,7 +61,9 @@ def test_demo_quick_writes_overview_metrics_and_nifti(capsys, bundle, tmp_path):
     code, stdout, err = run_demo(capsys, out)
     assert code == 0, err
     names = sorted(p.name for p in out.iterdir())
-    assert names == sorted([f"{n}.nii.gz" for n in NIFTI] + ["metrics.json", "overview.png"])
+    assert names == sorted([f"{n}.nii.gz" for n in NIFTI] + ["metrics.json", "overview.png", "report.json"])
+    report = json.loads((out / "report.json").read_text())
+    assert report["command"] == "demo" and sorted(report["files"]) == names
     assert (bundle / "phantom_demo.sfuda").read_bytes() == checkpoint_bytes
 
     case = demo.demo_target(demo.DemoSettings())
@@ -108,7 +110,7 @@ def test_failing_demo_leaves_no_output_folder(capsys, tiny_bundle, tmp_path, mon
     (previous / "metrics.json").write_text('{"earlier": true}')
     before = tree_snapshot(previous)
     with pytest.raises(RuntimeError, match="overview failed"):
-        run_demo(capsys, previous)
+        run_demo(capsys, previous, "--overwrite")
     assert tree_snapshot(previous) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["previous"]
 

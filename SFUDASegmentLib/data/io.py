@@ -15,6 +15,8 @@ import gzip
 import os
 import shutil
 import tempfile
+import zlib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Union
 
@@ -160,7 +162,7 @@ def _spatial_shape(array: np.ndarray, geom: Geometry) -> tuple[int, ...]:
 # --------------------------------------------------------------------------- reading
 
 
-def read_image(path: PathLike, as_gray: bool = False) -> Volume:
+def read_image(path: PathLike, as_gray: bool = False, *, kind: str = "image") -> Volume:
     """Read a 3D scalar volume or a 2D image.
 
     Args:
@@ -168,6 +170,8 @@ def read_image(path: PathLike, as_gray: bool = False) -> Volume:
         as_gray: convert a 2D colour image to grey with the ITU-R BT.601 luma
             ``0.299 R + 0.587 G + 0.114 B`` (result ``float32``, ``(y, x)``); grey images are
             returned unchanged.
+        kind: what the file is, in messages (``"image"``, ``"label"``): a missing label file is
+            reported as a missing label file.
 
     Returns:
         A :class:`Volume`: ``(z, y, x)`` for 3D, ``(y, x)`` for grey 2D, and ``(y, x, 3)`` RGB for
@@ -177,13 +181,14 @@ def read_image(path: PathLike, as_gray: bool = False) -> Volume:
 
     Raises:
         ImageNotFoundError: the file does not exist.
-        InputError: unsupported extension, unreadable/corrupt file, 1D, 4D, or a 3D vector image.
+        InputError: unsupported extension, unreadable, corrupt or truncated file, 1D, 4D, or a
+            3D vector image.
     """
     path = Path(path)
     if not path.is_file():
         where = "a folder, not a file" if path.is_dir() else "not found"
-        raise ImageNotFoundError(f"Image file '{path}' is {where}. Check the path and that the "
-                                 "file was copied completely.")
+        raise ImageNotFoundError(f"{kind.capitalize()} file '{path}' is {where}. Check the path and "
+                                 "that the file was copied completely.")
     ext = _require_supported(path, "read")
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(path))
@@ -193,12 +198,12 @@ def read_image(path: PathLike, as_gray: bool = False) -> Volume:
         raise _unreadable(path, ext, exc) from None
     _check_dimensions(reader.GetDimension(), reader.GetNumberOfComponents(),
                       tuple(reader.GetSize()), f"'{path}'")
+    if ext in (".nii", ".nii.gz"):
+        _check_nifti_voxels(path)
     try:
         image = reader.Execute()
     except RuntimeError as exc:
         raise _unreadable(path, ext, exc) from None
-    if ext in (".nii", ".nii.gz"):
-        _refuse_nifti_nonfinite(path)
     volume = from_sitk(image, f"'{path}'")
     if ext == ".bmp" and volume.is_rgb and _channels_equal(volume.array):
         volume = volume.like(np.ascontiguousarray(volume.array[..., 0]))  # ITK expands BMP palettes
@@ -210,42 +215,91 @@ def read_image(path: PathLike, as_gray: bool = False) -> Volume:
 _NIFTI_FLOAT_TYPES = {16: "f4", 64: "f8"}
 
 
-def _refuse_nifti_nonfinite(path: Path) -> None:
-    """Raise when a float NIfTI file holds NaN/Inf voxels.
+def _check_nifti_voxels(path: Path) -> None:
+    """Raise when a NIfTI file is cut short or holds NaN/Inf voxels.
 
-    SimpleITK's NIfTI reader silently turns NaN and Inf into 0, so the voxel data is checked
-    in the file itself (NIfTI-1 and NIfTI-2 headers, either byte order, gzip or plain).
+    SimpleITK's NIfTI reader silently turns NaN and Inf into 0, and a truncated file surfaces as
+    an ``EOFError`` of gzip or a short buffer, so the voxel data is checked in the file itself
+    (NIfTI-1 and NIfTI-2 headers, either byte order, gzip or plain).
 
     Raises:
-        InputError: naming the count and the fix.
+        InputError: naming the missing bytes or the NaN/Inf count, and the fix.
     """
     opener = gzip.open if path.name.lower().endswith(".gz") else open
-    with opener(path, "rb") as handle:
-        data = handle.read()
-    for order in ("<", ">"):
-        size = np.frombuffer(data[:4], f"{order}i4")[0]
-        if size == 348:
-            datatype = int(np.frombuffer(data[70:72], f"{order}i2")[0])
-            dims = np.frombuffer(data[40:56], f"{order}i2")
-            offset = int(np.frombuffer(data[108:112], f"{order}f4")[0])
-            break
-        if size == 540:
-            datatype = int(np.frombuffer(data[12:14], f"{order}i2")[0])
-            dims = np.frombuffer(data[16:80], f"{order}i8")
-            offset = int(np.frombuffer(data[168:176], f"{order}i8")[0])
-            break
-    else:
+    try:
+        with opener(path, "rb") as handle:
+            data = handle.read()
+    except (EOFError, OSError, zlib.error) as exc:
+        raise InputError(
+            f"'{path}' is truncated or corrupt: its compressed data ends early ({type(exc).__name__}). "
+            "The copy or download was interrupted, or the disk was full when it was written; copy "
+            "or export the file again.") from None
+    header = parse_nifti_header(data)
+    if header is None:
         return
-    if datatype not in _NIFTI_FLOAT_TYPES:
+    expected = header.voxel_offset + header.voxel_bytes
+    if len(data) < expected:
+        raise InputError(
+            f"'{path}' is truncated: its header declares {expected} bytes of header and voxels but "
+            f"the file holds {len(data)}. The copy or download was interrupted, or the disk was full "
+            "when it was written; copy or export the file again.")
+    if header.float_type is None:
         return
-    count = int(np.prod([max(int(d), 1) for d in dims[1:int(dims[0]) + 1]]))
-    voxels = np.frombuffer(data, f"{order}{_NIFTI_FLOAT_TYPES[datatype]}", count=count, offset=offset)
+    voxels = np.frombuffer(data, header.float_type, count=header.voxel_count, offset=header.voxel_offset)
     bad = int(np.count_nonzero(~np.isfinite(voxels)))
     if bad:
         raise InputError(
             f"'{path}' contains {bad} NaN/Inf voxel(s) (SimpleITK would silently read them as 0). "
             "Replace them with a finite value (e.g. the background intensity) and save the "
             "volume again, or mask them out before segmentation.")
+
+
+@dataclass(frozen=True)
+class NiftiHeader:
+    """What a NIfTI-1/-2 header says about the voxel data that follows it.
+
+    Attributes:
+        voxel_offset: byte offset of the voxel data in the (uncompressed) file.
+        voxel_count: product of the image dimensions.
+        voxel_bytes: ``voxel_count`` times the bytes per voxel (``bitpix / 8``).
+        float_type: numpy dtype string (``"<f4"``...) for float data, None otherwise.
+    """
+
+    voxel_offset: int
+    voxel_count: int
+    voxel_bytes: int
+    float_type: Optional[str]
+
+
+_NIFTI_FLOAT_TYPES = {16: "f4", 64: "f8"}
+
+
+def parse_nifti_header(data: bytes) -> Optional[NiftiHeader]:
+    """Parse the start of an uncompressed NIfTI file; None when it is not a NIfTI header."""
+    if len(data) < 348:
+        return None
+    for order in ("<", ">"):
+        size = int(np.frombuffer(data[:4], f"{order}i4")[0])
+        if size == 348:
+            datatype = int(np.frombuffer(data[70:72], f"{order}i2")[0])
+            bitpix = int(np.frombuffer(data[72:74], f"{order}i2")[0])
+            dims = np.frombuffer(data[40:56], f"{order}i2").astype(np.int64)
+            offset = int(np.frombuffer(data[108:112], f"{order}f4")[0])
+            break
+        if size == 540 and len(data) >= 540:
+            datatype = int(np.frombuffer(data[12:14], f"{order}i2")[0])
+            bitpix = int(np.frombuffer(data[14:16], f"{order}i2")[0])
+            dims = np.frombuffer(data[16:80], f"{order}i8")
+            offset = int(np.frombuffer(data[168:176], f"{order}i8")[0])
+            break
+    else:
+        return None
+    rank = int(dims[0])
+    if not 1 <= rank <= 7 or bitpix <= 0 or bitpix % 8 or offset < size:
+        return None
+    count = int(np.prod([max(int(d), 1) for d in dims[1:rank + 1]]))
+    float_type = f"{order}{_NIFTI_FLOAT_TYPES[datatype]}" if datatype in _NIFTI_FLOAT_TYPES else None
+    return NiftiHeader(offset, count, count * bitpix // 8, float_type)
 
 
 def _unreadable(path: Path, ext: str, exc: Exception) -> InputError:
@@ -258,6 +312,19 @@ def _unreadable(path: Path, ext: str, exc: Exception) -> InputError:
 def _channels_equal(rgb: np.ndarray) -> bool:
     """True when the R, G and B planes of ``(y, x, 3)`` are identical (a grey image)."""
     return bool(np.array_equal(rgb[..., 0], rgb[..., 1]) and np.array_equal(rgb[..., 0], rgb[..., 2]))
+
+
+def with_model_channels(volume: Volume, channels: int) -> Volume:
+    """``volume`` as a model with ``channels`` image channels reads it.
+
+    A 2D RGB image whose three channels are equal (a grey picture saved as colour, common for
+    PNG exports) becomes grey ``(y, x)`` for a grey model (``channels == 1``). Everything else
+    is returned unchanged: real colour stays colour, so that a grey model still refuses it
+    with a clear message instead of converting it silently.
+    """
+    if channels == 1 and volume.is_rgb and _channels_equal(volume.array):
+        return volume.like(np.ascontiguousarray(volume.array[..., 0]))
+    return volume
 
 
 def rgb_to_gray(rgb: np.ndarray) -> np.ndarray:
@@ -293,7 +360,7 @@ def read_label(path: PathLike, allowed_values: Optional[set[int]] = None,
             values outside ``allowed_values``.
     """
     path = Path(path)
-    volume = read_image(path)
+    volume = read_image(path, kind="label")
     threshold = binary_threshold
     if threshold is None and image_extension(path) in LOSSY_FORMATS:
         threshold = JPEG_MASK_THRESHOLD

@@ -276,7 +276,9 @@ def train_ascplus(source: Sequence[TrainingCase], target: Sequence[TrainingCase]
             outcome.snapshots.append(_cpu_state(student))
             outcome.snapshot_iterations.append(step + 1)
         report(progress, "ascplus", (step + 1) / config.iterations,
-               f"ASCPlus iteration {step + 1}/{config.iterations}, loss {outcome.history[-1]['loss']:.3f}")
+               f"ASCPlus iteration {step + 1}/{config.iterations}, loss {outcome.history[-1]['loss']:.3f}",
+               done=step + 1, total=config.iterations,
+               unit="iterations")
     outcome.student_state = _cpu_state(student)
     outcome.teacher_state = _cpu_state(teacher)
     return outcome

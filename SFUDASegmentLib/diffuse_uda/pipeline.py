@@ -383,7 +383,8 @@ def run_diffuse_uda(source_images: Sequence[Volume], source_labels: Sequence[Vol
 
     def begin(index: int, name: str, state: str) -> None:
         stages[name] = state
-        report(progress, "diffuse-uda", index / len(STAGES), f"stage {name}: {state}")
+        report(progress, "diffuse-uda", index / len(STAGES), f"stage {name}: {state}",
+               done=index, total=len(STAGES), unit="stages")
 
     with timer.stage("prepare"):
         source = [_source_case(i, l, classes, spec, n) for i, l, n in zip(source_images, source_labels, s_names)]
@@ -548,6 +549,7 @@ def run_diffuse_uda(source_images: Sequence[Volume], source_labels: Sequence[Vol
             checkpoint = SourceCheckpoint(classes, spec, seg_config, state, part, None, provenance)
             if final_path is not None:
                 checkpoint.save(final_path)
-    report(progress, "diffuse-uda", 1.0, "Diffuse-UDA finished")
+    report(progress, "diffuse-uda", 1.0, "Diffuse-UDA finished", done=len(STAGES), total=len(STAGES),
+           unit="stages")
     return DiffuseUDAOutcome(checkpoint, student, stages, timer.to_dict(), manifest_path, pseudo,
                              checkpoint.provenance)

@@ -115,5 +115,6 @@ def target_pseudo_labels(state_dicts: Sequence[dict[str, torch.Tensor]], seg_con
     for i, image in enumerate(images):
         probs = ensemble_probabilities(state_dicts, seg_config, image, spec, device, inference)
         out.append(refine_pseudo_labels(probs, confidence, fill_value))
-        report(progress, "pseudo-labels", (i + 1) / len(images), f"target pseudo-labels {i + 1}/{len(images)}")
+        report(progress, "pseudo-labels", (i + 1) / len(images), f"target pseudo-labels {i + 1}/{len(images)}",
+               done=i + 1, total=len(images), unit="cases")
     return out

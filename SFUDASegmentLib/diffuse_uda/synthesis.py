@@ -186,7 +186,8 @@ def synthesize_pairs(model: Union[SourceCheckpoint, DiffusionPart], templates: S
         samples = rule.sample(net, cond, cfg.image_channels, generator, None, amp)
         for i, sample in zip(chunk, samples.cpu().numpy()):
             images[i] = unit_range_to_image(sample, part.intensity_scale).astype(np.float32)
-        report(progress, "synthesis", len(images) / n, f"synthesized {len(images)}/{n} pairs")
+        report(progress, "synthesis", len(images) / n, f"synthesized {len(images)}/{n} pairs",
+               done=len(images), total=n, unit="pairs")
         return list(chunk)
 
     for items in by_shape.values():

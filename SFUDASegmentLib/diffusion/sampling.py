@@ -243,7 +243,8 @@ class _Sampler(ABC):
                         eps = model(x, t, cond)
                     x = self.step(i, x, eps.float(), generator)
                     report(progress, self.stage, (i + 1) / self.num_steps,
-                           f"{self.name} step {i + 1}/{self.num_steps}")
+                           f"{self.name} step {i + 1}/{self.num_steps}",
+                           done=i + 1, total=self.num_steps, unit="steps")
         finally:
             if was_training:
                 model.train()  # type: ignore[union-attr]

@@ -560,13 +560,14 @@ def evaluate(pred_labels: Any, ref_labels: Any, spacing: Sequence[float],
     result: dict[str, Any] = {"spacing_mm": list(sp), "nsd_tolerance_mm": tol,
                               "nsd_method": nsd_method, "labels": {}, "regions": {}}
     for index, (kind, name, values) in enumerate(jobs):
-        report(progress, "metrics", index / len(jobs), f"scoring {kind[:-1]} {name}")
+        report(progress, "metrics", index / len(jobs), f"scoring {kind[:-1]} {name}",
+               done=index, total=len(jobs), unit="structures")
         pred_mask = p == values[0] if len(values) == 1 else np.isin(p, values)
         ref_mask = r == values[0] if len(values) == 1 else np.isin(r, values)
         scores = structure_metrics(pred_mask, ref_mask, sp, tol, nsd_method)
         key = {"label": values[0]} if kind == "labels" else {"labels": list(values)}
         result[kind][name] = {**key, **scores}
-    report(progress, "metrics", 1.0, "metrics done")
+    report(progress, "metrics", 1.0, "metrics done", done=len(jobs), total=len(jobs), unit="structures")
     result["mean_dice"] = float(np.mean([m["dice"] for m in result["labels"].values()]))
     return result
 

@@ -233,7 +233,8 @@ def adapt_model(checkpoint: SourceCheckpoint, targets: Sequence[PreparedInput], 
         optimizer.step()
         losses.append(float(loss.detach()))
         report(progress, "adaptation", (it + 1) / config.iterations,
-               f"iteration {it + 1}/{config.iterations}: CE {float(ce.detach()):.3f}, SWD {float(swd.detach()):.4f}")
+               f"iteration {it + 1}/{config.iterations}: CE {float(ce.detach()):.3f}, SWD {float(swd.detach()):.4f}",
+               done=it + 1, total=config.iterations, unit="iterations")
     if stopped is None and not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
         stopped = (f"the weights became NaN or infinite at the last iteration; the weights after iteration "
                    f"{good_steps} were restored (0: the source weights). Lower the learning rate.")

@@ -54,7 +54,8 @@ def fit_prototypes(checkpoint: SourceCheckpoint, images: Sequence[Volume], label
             probs = torch.softmax(logits.float(), 1)
             accumulator.add(z.float().cpu(), y, probs.cpu())
             labelled.add(z.float().cpu(), y, F.one_hot(y, k).movedim(-1, 1).float())
-        report(progress, "prototypes", (i + 1) / len(images), f"embeddings of case {i + 1}/{len(images)}")
+        report(progress, "prototypes", (i + 1) / len(images), f"embeddings of case {i + 1}/{len(images)}",
+               done=i + 1, total=len(images), unit="cases")
     fallback = [c for c, n in enumerate(accumulator.selected_counts) if n < 2]
     prototypes = accumulator.finalize(config.shrinkage) if not fallback else _with_fallback(
         accumulator, labelled, fallback, config, model.embedding_dim)

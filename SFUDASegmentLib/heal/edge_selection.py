@@ -207,9 +207,11 @@ def select_candidate(candidates: np.ndarray, refined_labels: np.ndarray, config:
     empty = not reference.any()
     scores: list[float] = []
     for i, image in enumerate(images):
-        report(progress, "selection", i / len(images), f"Edges of candidate {i + 1}")
+        report(progress, "selection", i / len(images), f"Edges of candidate {i + 1}",
+               done=i, total=len(images), unit="candidates")
         edges = canny_edges(image, **settings)
         scores.append(edge_score(edges, reference, tolerance=config.edge_tolerance))
-    report(progress, "selection", 1.0, "Candidate selected")
+    report(progress, "selection", 1.0, "Candidate selected", done=len(images), total=len(images),
+           unit="candidates")
     return SelectionResult(scores=scores, selected_index=int(np.argmax(scores)),
                            reference_edges_empty=empty)

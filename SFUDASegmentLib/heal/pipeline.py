@@ -139,7 +139,8 @@ def render_candidates(checkpoint: SourceCheckpoint, prepared: PreparedInput, ref
         else:
             cond = make_condition(labels, body, k)
             masks = list(body.numpy())
-        stage = _ChunkProgress(progress, done[0], len(items), len(chunk))
+        stage = _ChunkProgress(progress, done[0], len(items), len(chunk),
+                               "candidates" if volume_mode else "candidate slices")
         samples = sampler.sample(net, cond.to(device), channels, generator, stage, config.amp).cpu().numpy()
         done[0] += len(chunk)
         return [(box, np.where(mask, sample, background)) for mask, sample in zip(masks, samples)]
@@ -159,14 +160,16 @@ def render_candidates(checkpoint: SourceCheckpoint, prepared: PreparedInput, ref
 class _ChunkProgress(ProgressReporter):
     """Maps one chunk's sampler progress onto the whole candidate rendering stage."""
 
-    def __init__(self, parent: Optional[ProgressReporter], done: int, total: int, size: int) -> None:
+    def __init__(self, parent: Optional[ProgressReporter], done: int, total: int, size: int,
+                 unit: str) -> None:
         super().__init__()
-        self.parent, self.done, self.total, self.size = parent, done, total, size
+        self.parent, self.done, self.total, self.size, self.unit = parent, done, total, size, unit
 
     def report(self, stage: str, fraction: float, message: str = "", *, done: Optional[float] = None,
                total: Optional[float] = None, unit: str = "") -> None:
         overall = (self.done + fraction * self.size) / max(self.total, 1)
-        report(self.parent, "diffusion", overall, f"candidates {overall * 100:.0f}% ({message})")
+        report(self.parent, "diffusion", overall, f"candidates {overall * 100:.0f}% ({message})",
+               done=self.done + fraction * self.size, total=self.total, unit=self.unit)
 
 
 @dataclass

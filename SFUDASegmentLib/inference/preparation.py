@@ -16,7 +16,7 @@ import torch
 
 from ..config import InferenceConfig, InputSpec, LabelClass
 from ..data.geometry import Geometry, Volume
-from ..data.io import check_same_geometry, validate_image
+from ..data.io import check_same_geometry, validate_image, with_model_channels
 from ..data.labels import values_to_indices
 from ..data.preprocess import foreground_mask, normalize_intensity, resample_probabilities, resample_to_shape
 from ..errors import InputError
@@ -95,13 +95,15 @@ def prepare_input(volume: Volume, spec: InputSpec, name: str = "image") -> Prepa
     """Validate and bring a user's image onto the network grid (the input is not modified).
 
     Args:
-        volume: ``(Z, Y, X)``, ``(Y, X)`` or ``(Y, X, 3)`` image with its geometry.
+        volume: ``(Z, Y, X)``, ``(Y, X)`` or ``(Y, X, 3)`` image with its geometry (an RGB image
+            with three equal channels is grey for a grey model).
         spec: the checkpoint's input spec.
         name: used in error messages.
 
     Raises:
         InputError: wrong dimensionality or channels, NaN/Inf, constant image...
     """
+    volume = with_model_channels(volume, spec.image_channels)
     validate_image(volume, name)
     _check_spec(volume, spec, name)
     array = np.asarray(volume.array, dtype=np.float32)

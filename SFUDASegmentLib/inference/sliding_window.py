@@ -128,7 +128,8 @@ def sliding_window_3d(model: torch.nn.Module, image: np.ndarray, patch_size: Seq
         z_end = zs[k + 1] if k + 1 < len(zs) else z + pz
         n = z_end - z
         out.write(z, z_end, acc[:, :n] / wsum[:n].clamp_min(1e-8))
-        report(progress, "inference", (k + 1) / len(zs), f"sliding window slab {k + 1}/{len(zs)}")
+        report(progress, "inference", (k + 1) / len(zs), f"sliding window slab {k + 1}/{len(zs)}",
+               done=(k + 1) * len(in_plane), total=len(zs) * len(in_plane), unit="windows")
     crop = tuple(slice(0, s) for s in spatial)
     labels = out.labels[crop]
     probabilities = None if out.probabilities is None else out.probabilities[(slice(None),) + crop]
@@ -180,7 +181,8 @@ def slicewise_2d(model: torch.nn.Module, image: np.ndarray, spec: InputSpec, num
 
         probs = map_in_chunks(run, list(range(z0, z1)), config.batch_size, device, "slice batch")
         out.write(z0, z1, torch.stack(probs, dim=1))
-        report(progress, "inference", (i + 1) / len(starts), f"slices {z1}/{depth}")
+        report(progress, "inference", (i + 1) / len(starts), f"slices {z1}/{depth}",
+               done=z1, total=depth, unit="slices")
     if single:
         return out.labels[0], None if out.probabilities is None else out.probabilities[:, 0]
     return out.labels, out.probabilities

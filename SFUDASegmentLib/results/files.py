@@ -19,44 +19,91 @@ from ..config import LabelClass
 from ..data.geometry import Volume
 from ..data.io import read_image, write_image
 from .result import Result
-from .staging import StagedOutputDir
+from .staging import OutputTransaction
+
+
+def write_result_files(result: Result, folder: Path, input_path: Optional[str] = None,
+                       checkpoint_path: Optional[str] = None,
+                       write_probabilities: bool = False) -> dict[str, Any]:
+    """Write every array of ``result`` into ``folder`` (a staged output folder) and return the
+    report that belongs in its ``report.json`` (which the caller writes, with what it adds).
+
+    Args:
+        result: what a method returned.
+        folder: where the files go (created); see :class:`OutputTransaction` for staging.
+        input_path, checkpoint_path: recorded in the report.
+        write_probabilities: also write ``probability_<k>.nii.gz`` per class.
+    """
+    geometry = result.geometry
+    files: dict[str, str] = {}
+    folder.mkdir(parents=True, exist_ok=True)
+
+    def put(name: str, array: np.ndarray) -> None:
+        write_image(Volume(array, geometry), folder / name)
+        files[name.split(".")[0]] = name
+
+    put("segmentation.nii.gz", result.labels)
+    for name, array in result.maps.items():
+        put(f"{name}.nii.gz", array.astype(np.float32))
+    for name, array in result.label_maps.items():
+        put(f"{name}.nii.gz", array)
+    if result.candidates is not None:
+        for i, candidate in enumerate(result.candidates):
+            put(f"candidate_{i:02d}.nii.gz", candidate.astype(np.float32))
+    if write_probabilities and result.probabilities is not None:
+        for k, probs in enumerate(result.probabilities):
+            put(f"probability_{k}.nii.gz", probs.astype(np.float32))
+    report = result.report()
+    report.update({"input": input_path, "checkpoint": checkpoint_path, "files": files,
+                   "device": result.timings.get("device"), "versions": versions()})
+    return report
+
+
+#: DEFLATE (gzip) never compresses data below 1/1032 of its size
+DEFLATE_MAX_RATIO = 1032
+
+
+def result_bytes(result_shape: tuple[int, ...], float_maps: int, label_maps: int) -> int:
+    """A floor of the bytes a result folder takes on disk (``.nii.gz`` maps).
+
+    What gzip leaves of the maps at its best ratio, so a disk with less room cannot hold the
+    result while a run that fits is never refused (a HEAL result of the demo phantom compresses
+    its label maps 30-200x and its float maps 1.2-5x).
+
+    Args:
+        result_shape: the input's spatial shape (voxels per map).
+        float_maps: float32 maps (entropy, variance, candidates...).
+        label_maps: uint8 label maps (segmentation, refined labels...).
+    """
+    voxels = int(np.prod(result_shape))
+    return (4 * voxels * float_maps + voxels * label_maps) // DEFLATE_MAX_RATIO
+
+
+def versions() -> dict[str, Any]:
+    """The software versions a report records."""
+    import torch  # here, not at module level: the Slicer panel reads results without PyTorch
+
+    return {"torch": torch.__version__, "numpy": np.__version__, "python": platform.python_version(),
+            "cuda": torch.version.cuda}
 
 
 def write_result(result: Result, out_dir: str | Path, input_path: Optional[str] = None,
                  checkpoint_path: Optional[str] = None, write_probabilities: bool = False,
-                 extra_report: Optional[dict[str, Any]] = None) -> dict[str, Any]:
-    """Write every array of ``result`` and the JSON report, all or nothing.
+                 extra_report: Optional[dict[str, Any]] = None, overwrite: bool = False) -> dict[str, Any]:
+    """Write every array of ``result`` and ``report.json`` into ``out_dir``, all or nothing.
+
+    ``out_dir`` must be new or empty unless ``overwrite`` (which replaces its whole content), and
+    must not be or contain ``input_path`` or ``checkpoint_path`` (see ``output_guard.py``).
 
     Returns:
         The report dict written to ``report.json``.
     """
-    import torch  # here, not at module level: the Slicer panel reads results without PyTorch
-
-    geometry = result.geometry
-    files: dict[str, str] = {}
-    with StagedOutputDir(out_dir) as stage:
-        def put(name: str, array: np.ndarray) -> None:
-            write_image(Volume(array, geometry), stage.path(name))
-            files[name.split(".")[0]] = name
-
-        put("segmentation.nii.gz", result.labels)
-        for name, array in result.maps.items():
-            put(f"{name}.nii.gz", array.astype(np.float32))
-        for name, array in result.label_maps.items():
-            put(f"{name}.nii.gz", array)
-        if result.candidates is not None:
-            for i, candidate in enumerate(result.candidates):
-                put(f"candidate_{i:02d}.nii.gz", candidate.astype(np.float32))
-        if write_probabilities and result.probabilities is not None:
-            for k, probs in enumerate(result.probabilities):
-                put(f"probability_{k}.nii.gz", probs.astype(np.float32))
-        report = result.report()
-        report.update({"input": input_path, "checkpoint": checkpoint_path, "files": files,
-                       "device": result.timings.get("device"),
-                       "versions": {"torch": torch.__version__, "python": platform.python_version(),
-                                    "cuda": torch.version.cuda}})
+    with OutputTransaction(overwrite) as outputs:
+        outputs.add_inputs([input_path, checkpoint_path])
+        folder = outputs.folder(out_dir, "out_dir")
+        report = write_result_files(result, folder, input_path, checkpoint_path, write_probabilities)
         report.update(extra_report or {})
-        stage.write_json("report.json", report)
+        outputs.write_json(folder / "report.json", report)
     return report
 
 

@@ -28,7 +28,8 @@ class ProgressEvent:
             stage does not count units).
         unit: what ``done`` counts, in words a person reads: ``"iterations"``, ``"slices"``,
             ``"cases"``...
-        elapsed: seconds since the stage's first event (set by :class:`ProgressReporter`).
+        elapsed: seconds since the stage's first event (set by :class:`ProgressReporter`; a
+            stage that starts again, its fraction going back, counts from its new start).
     """
 
     stage: str
@@ -63,6 +64,7 @@ class ProgressReporter:
         self.should_cancel = should_cancel
         self.clock = clock
         self._stage_start: dict[str, float] = {}
+        self._stage_fraction: dict[str, float] = {}
 
     def report(self, stage: str, fraction: float, message: str = "", *, done: Optional[float] = None,
                total: Optional[float] = None, unit: str = "") -> None:
@@ -74,9 +76,12 @@ class ProgressReporter:
         """
         if self.callback is not None:
             now = self.clock()
+            fraction = min(max(float(fraction), 0.0), 1.0)
+            if fraction < self._stage_fraction.get(stage, 0.0):  # the stage runs again
+                self._stage_start.pop(stage, None)
+            self._stage_fraction[stage] = fraction
             start = self._stage_start.setdefault(stage, now)
-            self.callback(ProgressEvent(stage, min(max(float(fraction), 0.0), 1.0), message,
-                                        done, total, unit, now - start))
+            self.callback(ProgressEvent(stage, fraction, message, done, total, unit, now - start))
         if self.should_cancel is not None and self.should_cancel():
             raise OperationCancelled(f"Cancelled by the user during '{stage}'; nothing was written.")
 

@@ -53,7 +53,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from SFUDASegmentLib.checkpoint import SourceCheckpoint  # noqa: E402
-from SFUDASegmentLib.cli import make_reporter  # noqa: E402
+from SFUDASegmentLib.utils.progress_display import make_reporter  # noqa: E402
 from SFUDASegmentLib.config import InferenceConfig, InputSpec, TrainingConfig  # noqa: E402
 from SFUDASegmentLib.data.geometry import Volume  # noqa: E402
 from SFUDASegmentLib.diffuse_uda.pipeline import DiffuseUDAConfig, run_diffuse_uda  # noqa: E402
