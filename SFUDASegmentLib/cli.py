@@ -234,17 +234,23 @@ def cmd_adapt(args: argparse.Namespace, progress: Optional[ProgressReporter],
         config = HEALConfig(tau1=args.tau1, tau2=args.tau2, candidates=args.candidates,
                             sampler=args.sampler, steps=args.steps, stages=args.stages, seed=args.seed,
                             candidate_batch=args.candidate_batch,
-                            skip_empty_slices=not args.render_all_slices)
+                            skip_empty_slices=not args.render_all_slices, denoise=args.denoise,
+                            component_markers=args.component_markers,
+                            component_grouping=args.component_grouping)
         results = [heal_adapt(volumes[0], checkpoint, config, inference, progress)]
     else:
         from .gmm import gmm_adapt
         from .gmm.adaptation import adapted_checkpoint
 
         config = GMMConfig(iterations=args.iterations, lam=args.lam, lr=args.lr, seed=args.seed,
-                           freeze_classifier=args.freeze_classifier, class_proportions=args.class_proportions)
+                           freeze_classifier=args.freeze_classifier, class_proportions=args.class_proportions,
+                           guard_agreement=args.guard_agreement)
         results, adaptation = gmm_adapt(volumes, checkpoint, config, inference, progress)
         if adapted_path is not None:
             adapted_checkpoint(checkpoint, adaptation, config, list(args.image)).save(adapted_path)
+    for result, path in zip(results, args.image):
+        for warning in result.extra.get("warnings", []):
+            print(f"warning: {Path(path).name}: {warning}", file=sys.stderr)
     outputs_list = []
     for i, (result, path) in enumerate(zip(results, args.image)):
         name = "" if len(results) == 1 else f"case_{i:03d}_{Path(path).name.split('.')[0]}"
@@ -399,14 +405,50 @@ def cmd_info(args: argparse.Namespace, progress: Optional[ProgressReporter],
     print("  diffusion model: " + ("none (HEAL unavailable)" if diff is None else
                                     f"{diff['spatial_dims']}D, base {diff['base_channels']}, "
                                     f"T = {diff['schedule']['timesteps']}, {diff['parameters']:,} parameters"))
+    if diff is not None:
+        from .heal.diffusion_quality import ROUND_TRIP_KEY, round_trip_warning
+
+        trip = card["provenance"].get(ROUND_TRIP_KEY)
+        if trip:
+            print(f"  diffusion round trip: mean Dice {trip['round_trip_dice']:.3f} on images rendered from "
+                  f"held-out labels ({trip['slices']} slices), source model {trip['source_dice']:.3f} on the "
+                  "real images")
+        warning = round_trip_warning(card["provenance"])
+        if warning:
+            print(f"  warning: {warning}")
     protos = card["prototypes"]
-    print("  class prototypes: " + ("none (GMM unavailable)" if protos is None else json.dumps(protos)))
+    if protos is None:
+        print("  class prototypes: none (GMM unavailable)")
+    else:
+        print(prototype_table(protos, ["background"] + [c["name"] for c in card["classes"]]))
     print(f"  methods: {', '.join(card['methods'])}")
     prov = card["provenance"]
     if prov:
         print(f"  trained on: {prov.get('data', '?')}; validation mean Dice "
               f"{prov.get('validation_mean_dice', float('nan')):.3f}")
     return None
+
+
+def prototype_table(prototypes: dict[str, Any], class_names: Sequence[str]) -> str:
+    """The GMM class prototypes of a model card as an aligned text table.
+
+    Args:
+        prototypes: ``card["prototypes"]`` (see ``ClassPrototypes.describe``).
+        class_names: name of every class index, background first.
+    """
+    lines = [f"  class prototypes (one Gaussian per class of the {prototypes['embedding_dim']}-D "
+             f"'{prototypes['embedding_layer']}' embedding, fitted on voxels with confidence > "
+             f"{prototypes['rho']:g}):",
+             f"    {'class':14s} {'weight':>7s} {'label share':>11s} {'voxels':>10s} {'|mean|':>8s} "
+             f"{'cov. trace':>10s} {'condition':>10s}"]
+    for entry in prototypes["classes"]:
+        index = entry["class_index"]
+        name = class_names[index] if index < len(class_names) else f"class {index}"
+        share = "-" if entry["label_share"] is None else f"{entry['label_share']:.4f}"
+        lines.append(f"    {name[:14]:14s} {entry['weight']:7.4f} {share:>11s} {entry['selected_voxels']:10,d} "
+                     f"{entry['mean_norm']:8.2f} {entry['covariance_trace']:10.2f} "
+                     f"{entry['covariance_condition']:10.0f}")
+    return "\n".join(lines)
 
 
 def cmd_devices(args: argparse.Namespace, progress: Optional[ProgressReporter],
@@ -448,6 +490,10 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand."""
+    from .config import GMMConfig, HEALConfig
+    from .heal.component_reconstruction import GROUPINGS
+    from .heal.denoised_labels import DENOISE_MODES, MARKERS
+
     parser = argparse.ArgumentParser(
         prog="sfuda", formatter_class=_HelpFormatter,
         description="Source-free domain adaptation for medical image segmentation "
@@ -527,6 +573,14 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--candidate-batch", type=int, default=6, help="candidates (or slices) per diffusion batch")
     h.add_argument("--render-all-slices", action="store_true",
                    help="2D model on a volume: also render slices whose denoised labels are empty")
+    h.add_argument("--denoise", choices=DENOISE_MODES, default=HEALConfig.denoise,
+                   help="denoised labels: 'paper' (Y*, only the voxels the NIG stage keeps, as the paper) or "
+                        "'components' (the source model's connected components that hold a marker voxel, "
+                        "kept whole with their boundaries)")
+    h.add_argument("--component-markers", choices=MARKERS, default=HEALConfig.component_markers,
+                   help="with --denoise components: the markers, Y_ent ('entropy') or Y* ('nig')")
+    h.add_argument("--component-grouping", choices=GROUPINGS, default=HEALConfig.component_grouping,
+                   help="with --denoise components: components per class or of the whole foreground")
     g = p.add_argument_group("GMM")
     g.add_argument("--iterations", type=int, default=100, help="adaptation iterations")
     g.add_argument("--lambda", dest="lam", type=float, default=0.5, help="weight of the SWD term")
@@ -535,6 +589,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--class-proportions", choices=("source", "pseudo"), default="source",
                    help="prototype samples per class: source priors or the target's confident "
                         "pseudo-label shares")
+    g.add_argument("--guard-agreement", type=float, default=GMMConfig.guard_agreement,
+                   help="keep the source model's segmentation (and warn) when the adapted foreground agrees "
+                        "with it below this Dice; 0 turns the guard off")
     g.add_argument("--save-adapted", help="also write the adapted model as a new checkpoint")
     device_arg(p)
 

@@ -333,13 +333,56 @@ def test_info_shows_the_diffusion_model_and_the_prototypes(capsys, files, tiny_f
     code, stdout, err = run(capsys, "info", str(files["full"]))
     assert code == 0, err
     assert "diffusion model: 2D, base 8, T = 20" in stdout
-    line = next(l for l in stdout.splitlines() if "class prototypes:" in l)
-    shown = json.loads(line.split("class prototypes: ", 1)[1])
-    assert shown["rho"] == 0.5 and shown["embedding_dim"] == 8 and shown["num_classes"] == 3
-    assert [c["selected_voxels"] for c in shown["classes"]] == \
-        list(ClassPrototypes.from_state(tiny_full_model.checkpoint.prototypes).counts)
+    lines = stdout.splitlines()
+    header = next(i for i, l in enumerate(lines) if "class prototypes" in l)
+    assert "8-D" in lines[header] and "confidence > 0.5" in lines[header]
+    rows = [l.split() for l in lines[header + 2:header + 5]]  # one row per class, background first
+    prototypes = ClassPrototypes.from_state(tiny_full_model.checkpoint.prototypes)
+    assert [r[0] for r in rows] == ["background"] + [c.name for c in tiny_full_model.checkpoint.classes]
+    assert [int(r[3].replace(",", "")) for r in rows] == [int(n) for n in prototypes.counts]
+    assert [float(r[1]) for r in rows] == pytest.approx([float(w) for w in prototypes.weights], abs=1e-4)
     assert "methods: none, heal, gmm" in stdout and "HEAL unavailable" not in stdout
     code, stdout, _ = run(capsys, "info", str(files["full"]), "--json")
     card = json.loads(stdout)
     assert card["diffusion_model"]["schedule"]["timesteps"] == 20 and card["prototypes"]["rho"] == 0.5
     assert card == json.loads(json.dumps(to_jsonable(tiny_full_model.checkpoint.describe())))
+
+
+def test_adapt_heal_denoise_components_and_warnings_on_stderr(capsys, files, tmp_path):
+    paper_out, components_out = tmp_path / "paper", tmp_path / "components"
+    common = ["adapt", "--method", "heal", "--checkpoint", str(files["full"]), "--image", str(files["image_a"]),
+              "--stages", "hd", "--device", "cpu"]
+    code, _, err = run(capsys, *common, "--out", str(paper_out))
+    assert code == 0, err
+    code, _, err = run(capsys, *common, "--out", str(components_out), "--denoise", "components",
+                       "--component-markers", "nig")
+    assert code == 0, err
+    paper = read_image(paper_out / "refined_labels.nii.gz").array
+    components = read_image(components_out / "refined_labels.nii.gz").array
+    pseudo = read_image(components_out / "pseudo_labels.nii.gz").array
+    np.testing.assert_array_equal(read_image(components_out / "nig_labels.nii.gz").array, paper)
+    assert np.all((components == 0) | (components == pseudo)) and (components > 0).sum() >= (paper > 0).sum()
+    report = json.loads((components_out / "report.json").read_text())
+    assert report["denoising"]["mode"] == "components" and report["denoising"]["markers"] == "nig"
+    assert report["heal"]["denoise"] == "components"
+    # past the denoising, the missing round-trip figure of this checkpoint is a warning on stderr
+    code, _, err = run(capsys, "adapt", "--method", "heal", "--checkpoint", str(files["full"]), "--image",
+                       str(files["image_a"]), "--stages", "hd+egs", "--candidates", "2", "--steps", "2",
+                       "--device", "cpu", "--out", str(tmp_path / "egs"))
+    assert code == 0, err
+    assert "warning: image_a.nii.gz: This checkpoint's diffusion model has no round-trip figure" in err
+    assert json.loads((tmp_path / "egs" / "report.json").read_text())["warnings"]
+
+
+def test_adapt_gmm_guard_flag_keeps_the_source_segmentation(capsys, files, tmp_path):
+    common = ["adapt", "--method", "gmm", "--checkpoint", str(files["full"]), "--image", str(files["image_a"]),
+              "--iterations", "3", "--lr", "1e-3", "--device", "cpu"]
+    code, _, err = run(capsys, *common, "--out", str(tmp_path / "guarded"), "--guard-agreement", "1")
+    assert code == 0, err
+    report = json.loads((tmp_path / "guarded" / "report.json").read_text())
+    assert report["guard"]["fired"] and report["guard"]["kept"] == "source"
+    assert "warning: image_a.nii.gz: GMM adaptation changed" in err
+    code, _, err = run(capsys, "adapt", "--method", "none", "--checkpoint", str(files["full"]), "--image",
+                       str(files["image_a"]), "--device", "cpu", "--out", str(tmp_path / "none"))
+    np.testing.assert_array_equal(read_image(tmp_path / "guarded" / "segmentation.nii.gz").array,
+                                  read_image(tmp_path / "none" / "segmentation.nii.gz").array)

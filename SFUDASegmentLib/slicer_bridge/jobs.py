@@ -358,8 +358,8 @@ class JobOutcome:
     """What a finished job produced.
 
     Attributes:
-        returncode: the child's exit code (0 success, 2 library error, 130 cancelled,
-            negative: killed by a signal).
+        returncode: the child's exit code (0 success, 2 library error, 130 cancelled, 143
+            stopped by SIGTERM, negative: killed by a signal).
         events: every JSON event, in order.
         error_message: readable reason of a failure (see :meth:`BackgroundJob.error_message`),
             None on success.
