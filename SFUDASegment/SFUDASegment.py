@@ -201,8 +201,10 @@ class SFUDASegmentParameterNode:
     inputVolume - the scan to segment (never modified).
     checkpointPath - the *.sfuda source checkpoint.
     method - none | heal | gmm; device - auto | cuda | cpu.
-    tau1, tau2, candidates, sampler, steps, healStages, seed - HEAL (paper defaults).
-    gmmIterations, gmmLambda - GMM-adapted inference (SFS code defaults).
+    tau1, tau2, candidates, sampler, steps, healStages, seed - HEAL (paper defaults);
+    healDenoise - its denoising mode (the library's default).
+    gmmIterations, gmmLambda - GMM-adapted inference (SFS code defaults); gmmGuard - the
+    agreement below which the source segmentation is kept (the library's default).
     overlayMap, overlayOpacity - the coloured foreground shown over the input;
     overlayThreshold - the fraction of the map's range below which it is transparent.
     resultInput ... statistics - the nodes of the last result (filled by the panel).
@@ -218,9 +220,11 @@ class SFUDASegmentParameterNode:
     sampler: Annotated[str, Choice(["ddim", "ddpm"])] = "ddim"
     steps: Annotated[int, WithinRange(1, 1000)] = 50
     healStages: Annotated[str, Choice(["heal", "hd+egs", "hd"])] = "heal"
+    healDenoise: Annotated[str, Choice(["components", "paper"])] = "paper"
     seed: Annotated[int, WithinRange(0, 2147483647)] = 0
     gmmIterations: Annotated[int, WithinRange(1, 100000)] = 100
     gmmLambda: Annotated[float, WithinRange(0.0, 10.0)] = 0.5
+    gmmGuard: Annotated[float, WithinRange(0.0, 1.0)] = 0.0
     overlayMap: Annotated[str, Choice(["entropy", "nig_variance", "candidate"])] = "entropy"
     overlayOpacity: Annotated[float, WithinRange(0.0, 1.0)] = 0.5
     overlayThreshold: Annotated[float, WithinRange(0.0, 1.0)] = 0.1
@@ -374,6 +378,7 @@ class SFUDASegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         _relabel(self.ui.deviceComboBox, support.DEVICES, support.DEVICE_LABELS)
         _relabel(self.ui.samplerComboBox, support.SAMPLERS, support.SAMPLER_LABELS)
         _relabel(self.ui.stagesComboBox, support.HEAL_STAGES, support.STAGE_LABELS)
+        _relabel(self.ui.denoiseComboBox, support.DENOISE_MODES, support.DENOISE_LABELS)
         _relabel(self.ui.overlayComboBox, tuple(support.OVERLAY_NODE_KEYS), support.OVERLAY_LABELS)
 
     def _onParameterNodeModified(self, caller=None, event=None) -> None:
@@ -486,8 +491,8 @@ class SFUDASegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         expects."""
         p = self._parameterNode
         return {"tau1": p.tau1, "tau2": p.tau2, "candidates": p.candidates, "sampler": p.sampler,
-                "steps": p.steps, "stages": p.healStages, "seed": p.seed,
-                "iterations": p.gmmIterations, "lambda": p.gmmLambda}
+                "steps": p.steps, "stages": p.healStages, "denoise": p.healDenoise, "seed": p.seed,
+                "iterations": p.gmmIterations, "lambda": p.gmmLambda, "guard_agreement": p.gmmGuard}
 
     def onApplyButton(self) -> None:
         """Apply starts a job; while it runs the same button cancels it."""
@@ -561,6 +566,7 @@ class SFUDASegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                                                      waitCursor=True):
                     nodes = self.logic.finishJob(job, self._jobInput)
                     self._storeResult(nodes, self._jobInput)
+                    self._showResultNotes(self.logic.lastResultNotes)
                     self._progress.finish()
                     self.ui.progressBar.setValue(PROGRESS_STEPS)
                     self.ui.timeLabel.text = self._progress.time_text()
@@ -576,6 +582,13 @@ class SFUDASegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._updateApplyButton()
             self.logic.devices.refresh()
             self._updateDevices()
+
+    def _showResultNotes(self, notes: list) -> None:
+        """The last result's warnings (orange) and notes under the status line."""
+        colours = {"warning": "#d35400", "info": "#555555"}
+        self.ui.resultNotesLabel.text = "<br>".join(
+            f'<span style="color:{colours[kind]}">{"&#9888; " if kind == "warning" else ""}{_escape(text)}</span>'
+            for kind, text in notes)
 
     def _cancelJob(self, reason: str) -> None:
         """Kill the running job's whole process tree; the scene stays as it was."""
@@ -698,6 +711,7 @@ class SFUDASegmentLogic(ScriptedLoadableModuleLogic):
         self.modelCards = ModelCards()
         self.devices = DeviceInventory()
         self.stageSeconds = {}
+        self.lastResultNotes = []
         self._jobFolders = {}
 
     def getParameterNode(self) -> SFUDASegmentParameterNode:
@@ -795,11 +809,16 @@ class SFUDASegmentLogic(ScriptedLoadableModuleLogic):
             checkpointPath: the *.sfuda file.
             method: ``"none"``, ``"heal"`` or ``"gmm"``.
             parameters: e.g. ``{"tau1": 0.2, "tau2": 0.2, "candidates": 6, "sampler": "ddim",
-                "steps": 50, "stages": "heal", "seed": 0}`` (HEAL) or ``{"iterations": 100,
-                "lambda": 0.5, "seed": 0}`` (GMM); missing keys take the library's defaults.
+                "steps": 50, "stages": "heal", "denoise": "components", "seed": 0}`` (HEAL) or
+                ``{"iterations": 100, "lambda": 0.5, "guard_agreement": 0.5, "seed": 0}`` (GMM);
+                missing keys take the library's defaults.
             waitForCompletion: block until done (scripting); False returns the running job.
             onProgress: called with each progress event dict (stage, fraction, message).
             device: ``"auto"``, ``"cuda"`` or ``"cpu"``.
+
+        After a result is loaded, ``lastResultNotes`` holds what its report says a reader should
+        know: ``(kind, text)`` pairs, the method's warnings first (see
+        ``panel_support.result_notes``).
 
         Returns:
             With ``waitForCompletion=True`` the new nodes by key (``segmentation``,
@@ -893,6 +912,7 @@ class SFUDASegmentLogic(ScriptedLoadableModuleLogic):
         from SFUDASegmentLib.slicer_bridge.terminology import class_terminology
 
         result = read_result(run.outDir)
+        self.lastResultNotes = support.result_notes(result.extra)
         seconds = (result.timings or {}).get("seconds")
         if seconds:
             self.stageSeconds[run.method] = (dict(seconds), run.parameters)

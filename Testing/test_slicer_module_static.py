@@ -124,7 +124,8 @@ REQUIRED_WIDGETS = {
     "tau1SliderWidget": "ctkSliderWidget", "tau2SliderWidget": "ctkSliderWidget",
     "candidatesSpinBox": "QSpinBox", "samplerComboBox": "QComboBox", "stepsSpinBox": "QSpinBox",
     "seedSpinBox": "QSpinBox", "gmmIterationsSpinBox": "QSpinBox",
-    "gmmLambdaSliderWidget": "ctkSliderWidget", "applyButton": "QPushButton",
+    "gmmLambdaSliderWidget": "ctkSliderWidget", "denoiseComboBox": "QComboBox",
+    "gmmGuardSliderWidget": "ctkSliderWidget", "resultNotesLabel": "QLabel", "applyButton": "QPushButton",
     "progressBar": "QProgressBar", "stageLabel": "QLabel", "statusLabel": "QLabel",
     "timeLabel": "QLabel", "logCollapsibleGroupBox": "ctkCollapsibleGroupBox",
     "logTextEdit": "QPlainTextEdit", "overlayComboBox": "QComboBox",
@@ -198,7 +199,7 @@ def test_every_slicer_parameter_name_is_a_field_with_a_matching_connector(
     bound = {w.properties["SlicerParameterName"]: w for w in ui_widgets.values()
              if "SlicerParameterName" in w.properties}
     assert {"inputVolume", "checkpointPath", "method", "device", "tau1", "tau2", "candidates",
-            "sampler", "steps", "seed", "gmmIterations", "gmmLambda", "overlayMap",
+            "sampler", "steps", "seed", "gmmIterations", "gmmLambda", "healDenoise", "gmmGuard", "overlayMap",
             "overlayOpacity", "overlayThreshold"} <= set(bound)
     for name, widget in bound.items():
         assert name in fields, f"{widget.name}: SlicerParameterName '{name}' is not a field"
@@ -227,6 +228,8 @@ def test_field_defaults_are_valid_and_match_the_library(fields: dict[str, Field]
     assert fields["seed"].default == heal.seed
     assert fields["gmmIterations"].default == gmm.iterations
     assert fields["gmmLambda"].default == gmm.lam
+    assert fields["healDenoise"].default == heal.denoise
+    assert fields["gmmGuard"].default == gmm.guard_agreement
     assert fields["overlayThreshold"].default == overlay_display.DEFAULT_HIDE_BELOW
 
 
@@ -236,6 +239,7 @@ def test_combo_box_choices_are_the_support_constants_in_label_order(fields: dict
                 "device": (support.DEVICES, support.DEVICE_LABELS),
                 "sampler": (support.SAMPLERS, support.SAMPLER_LABELS),
                 "healStages": (support.HEAL_STAGES, support.STAGE_LABELS),
+                "healDenoise": (support.DENOISE_MODES, support.DENOISE_LABELS),
                 "overlayMap": (tuple(support.OVERLAY_NODE_KEYS), support.OVERLAY_LABELS)}
     for name, (values, labels) in expected.items():
         assert tuple(fields[name].validators["Choice"][0]) == tuple(values), name
@@ -397,7 +401,8 @@ def test_slicer_api_names_the_module_uses_exist_in_slicer_core(module_tree: ast.
 
 def test_build_adapt_arguments_for_each_method() -> None:
     parameters = {"tau1": 0.25, "tau2": 0.1, "candidates": 2, "sampler": "ddim", "steps": 5,
-                  "stages": "hd+egs", "seed": 7, "iterations": 30, "lambda": 0.75}
+                  "stages": "hd+egs", "denoise": "components", "seed": 7, "iterations": 30, "lambda": 0.75,
+                  "guard_agreement": 0.5}
     head = ["--checkpoint", "/m/model.sfuda", "--image", "/t/in put.nrrd", "--out", "/t/out"]
     args = ("/m/model.sfuda", "/t/in put.nrrd", "/t/out", parameters)
     assert support.build_adapt_arguments("none", *args, device="cpu") == [
@@ -405,10 +410,10 @@ def test_build_adapt_arguments_for_each_method() -> None:
     assert support.build_adapt_arguments("heal", *args, device="auto") == [
         "adapt", "--method", "heal", *head, "--device", "auto", "--tau1", "0.25", "--tau2",
         "0.1", "--candidates", "2", "--sampler", "ddim", "--steps", "5", "--stages", "hd+egs",
-        "--seed", "7"]
+        "--denoise", "components", "--seed", "7"]
     assert support.build_adapt_arguments("gmm", *args, device="cuda:1") == [
         "adapt", "--method", "gmm", *head, "--device", "cuda:1", "--seed", "7",
-        "--iterations", "30", "--lambda", "0.75"]
+        "--iterations", "30", "--lambda", "0.75", "--guard-agreement", "0.5"]
 
 
 def test_build_adapt_arguments_leaves_out_missing_values_and_keeps_paths() -> None:
@@ -428,6 +433,8 @@ def test_build_adapt_arguments_leaves_out_missing_values_and_keeps_paths() -> No
     ("heal", {"sampler": "euler"}, "auto", "'sampler' must be one of ddim, ddpm"),
     ("heal", {"stages": "all"}, "auto", "'stages' must be one of heal, hd+egs, hd"),
     ("gmm", {"lambda": -1}, "auto", "'lambda' must be >= 0"),
+    ("heal", {"denoise": "erode"}, "auto", "'denoise' must be one of components, paper"),
+    ("gmm", {"guard_agreement": 1.5}, "auto", "'guard_agreement' must be in [0, 1]"),
     ("none", {}, "tpu", "Unknown device 'tpu'"),
 ])
 def test_build_adapt_arguments_rejects_bad_input(method: str, parameters: dict, device: str,
@@ -435,6 +442,25 @@ def test_build_adapt_arguments_rejects_bad_input(method: str, parameters: dict, 
     with pytest.raises(InputError) as info:
         support.build_adapt_arguments(method, "m", "i", "o", parameters, device)
     assert words in str(info.value)
+
+
+def test_result_notes_from_a_heal_and_a_gmm_report() -> None:
+    heal = {"warnings": ["round trip far below"],
+            "denoising": {"mode": "components", "note": "cannot add", "orphan_rule": "keep",
+                          "classes_without_markers": ["enhancing"],
+                          "classes": [{"name": "edema", "kept_ml": 12.25, "source_ml": 15.0},
+                                      {"name": "enhancing", "kept_ml": 1.0, "source_ml": 1.0}]}}
+    notes = support.result_notes(heal)
+    assert notes[0] == ("warning", "round trip far below")
+    assert ("info", "Denoising (Components of the source labels (keeps boundaries)): edema 12.2 of 15.0 ml "
+                    "kept; enhancing 1.0 of 1.0 ml kept.") in notes
+    assert any("No confident voxel of enhancing" in text for _, text in notes)
+    assert notes[-1] == ("info", "cannot add")
+    fired = {"warnings": ["kept the source"], "guard": {"fired": True, "signals": {"foreground_agreement": 0.3}}}
+    assert support.result_notes(fired) == [("warning", "kept the source")]
+    kept = {"warnings": [], "guard": {"fired": False, "signals": {"foreground_agreement": 0.83}}}
+    assert "Dice 0.83" in support.result_notes(kept)[0][1]
+    assert support.result_notes({}) == []
 
 
 # ----------------------------------------------------------------------------- model card checks

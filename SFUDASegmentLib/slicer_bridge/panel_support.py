@@ -40,16 +40,18 @@ ADAPT_OPTIONS: dict[str, str] = {
     "sampler": "--sampler",
     "steps": "--steps",
     "stages": "--stages",
+    "denoise": "--denoise",
     "seed": "--seed",
     "iterations": "--iterations",
     "lambda": "--lambda",
+    "guard_agreement": "--guard-agreement",
 }
 
 #: The parameters each method uses; the others are left off its command line.
 METHOD_PARAMETERS: dict[str, tuple[str, ...]] = {
     "none": (),
-    "heal": ("tau1", "tau2", "candidates", "sampler", "steps", "stages", "seed"),
-    "gmm": ("iterations", "lambda", "seed"),
+    "heal": ("tau1", "tau2", "candidates", "sampler", "steps", "stages", "denoise", "seed"),
+    "gmm": ("iterations", "lambda", "guard_agreement", "seed"),
 }
 
 SAMPLERS: tuple[str, ...] = ("ddim", "ddpm")
@@ -59,6 +61,11 @@ HEAL_STAGES: tuple[str, ...] = ("heal", "hd+egs", "hd")
 STAGE_LABELS: dict[str, str] = {"heal": "Full HEAL (with size-aware fusion)",
                                 "hd+egs": "Denoising + edge-guided selection",
                                 "hd": "Hierarchical denoising only"}
+
+#: HEAL's denoising modes (``HEALConfig.denoise``) and their labels.
+DENOISE_MODES: tuple[str, ...] = ("components", "paper")
+DENOISE_LABELS: dict[str, str] = {"components": "Components of the source labels (keeps boundaries)",
+                                  "paper": "Paper: only the voxels the NIG stage keeps"}
 
 #: Review overlays: panel choice -> key of the node dict of ``mrml.add_result_to_scene``.
 OVERLAY_NODE_KEYS: dict[str, str] = {
@@ -105,6 +112,8 @@ _VALIDATORS: dict[str, Callable[[str, Any], str]] = {
     "seed": lambda k, v: _number(k, v, int, 0),
     "iterations": lambda k, v: _number(k, v, int, 1),
     "lambda": lambda k, v: _number(k, v, float, 0.0),
+    "denoise": lambda k, v: _choice(k, v, DENOISE_MODES),
+    "guard_agreement": lambda k, v: _number(k, v, float, 0.0, 1.0),
 }
 
 
@@ -130,8 +139,8 @@ def build_adapt_arguments(method: str, checkpoint_path: str | os.PathLike,
         checkpoint_path: the ``*.sfuda`` file.
         image_path: the target image (the panel writes the input volume to a temporary NRRD).
         out_dir: folder the command writes its result to.
-        parameters: any of ``tau1, tau2, candidates, sampler, steps, stages, seed`` (HEAL) and
-            ``iterations, lambda, seed`` (GMM); None values are left out, and so are the
+        parameters: any of ``tau1, tau2, candidates, sampler, steps, stages, denoise, seed``
+            (HEAL) and ``iterations, lambda, guard_agreement, seed`` (GMM); None values are left out, and so are the
             parameters the method does not use (see :data:`METHOD_PARAMETERS`).
         device: ``auto``, ``cpu``, ``cuda`` or ``cuda:<index>``.
 
@@ -376,3 +385,37 @@ def overlay_legend_text(choice: str, low: float, high: float, color_table: str,
     if hidden_below is not None and hidden_below > low:
         text += f" Transparent below {hidden_below:.3g}, where the model is confident."
     return text
+
+
+# ----------------------------------------------------------------------------- result notes
+
+
+def result_notes(report: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """What a reader of a result should be told beside the images, from its ``report.json``
+    entries: the method's warnings, whether GMM's guard kept the source segmentation, and what
+    HEAL's denoising removed and kept per class (with the reminder that it cannot add structure).
+
+    Args:
+        report: the result's report entries (``Result.extra`` as read back by ``read_result``).
+
+    Returns:
+        ``(kind, text)`` pairs, ``kind`` ``"warning"`` or ``"info"``, warnings first.
+    """
+    notes = [("warning", str(w)) for w in report.get("warnings") or []]
+    guard = report.get("guard")
+    if guard and not guard.get("fired"):
+        notes.append(("info", f"GMM changed the foreground to Dice {guard['signals']['foreground_agreement']:.2f} "
+                              "agreement with the source model's; the guard kept the adapted segmentation."))
+    denoising = report.get("denoising")
+    if denoising:
+        parts = []
+        for entry in denoising.get("classes", []):
+            parts.append(f"{entry['name']} {entry['kept_ml']:.1f} of {entry['source_ml']:.1f} ml kept")
+        mode = DENOISE_LABELS.get(denoising.get("mode"), denoising.get("mode"))
+        notes.append(("info", f"Denoising ({mode}): " + "; ".join(parts) + "."))
+        missing = denoising.get("classes_without_markers") or []
+        if missing:
+            notes.append(("info", "No confident voxel of " + ", ".join(missing) + ": kept as the source model "
+                                  "found it (" + denoising.get("orphan_rule", "keep") + " rule)."))
+        notes.append(("info", str(denoising.get("note", ""))))
+    return [(kind, text) for kind, text in notes if text]
