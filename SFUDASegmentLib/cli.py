@@ -295,6 +295,37 @@ def cmd_fit_prototypes(args: argparse.Namespace, progress: Optional[ProgressRepo
     return summary
 
 
+def cmd_round_trip(args: argparse.Namespace, progress: Optional[ProgressReporter],
+                   outputs: OutputTransaction) -> dict[str, Any]:
+    from .checkpoint import SourceCheckpoint
+    from .config import HEALConfig, InferenceConfig
+    from .data.io import read_image, read_label
+    from .heal.diffusion_quality import ROUND_TRIP_KEY, round_trip_warning
+    from .heal.round_trip import with_round_trip
+
+    if not args.image or len(args.image) != len(args.label or []):
+        raise InputError("Give one --label per --image (labelled source cases the diffusion model was not "
+                         "trained on).")
+    outputs.add_inputs([args.checkpoint, *args.image, *args.label])
+    staged, staged_report = _stage_file_with_report(outputs, args.out)
+    checkpoint = SourceCheckpoint.load(args.checkpoint)
+    outputs.require_free_space(os.path.getsize(args.checkpoint), "the checkpoint")
+    allowed = {0} | {c.value for c in checkpoint.classes}
+    images = [read_image(p) for p in args.image]
+    labels = [read_label(p, allowed_values=allowed) for p in args.label]
+    config = HEALConfig(candidates=args.candidates, sampler=args.sampler, steps=args.steps, seed=args.seed)
+    checked = with_round_trip(checkpoint, images, labels, config,
+                              InferenceConfig(device=args.device, batch_size=args.batch_size), args.slices,
+                              [Path(p).name for p in args.image], progress)
+    checked.save(staged)
+    warning = round_trip_warning(checked.provenance)
+    if warning:
+        print(f"warning: {warning}", file=sys.stderr)
+    summary = {"checkpoint": args.out, ROUND_TRIP_KEY: checked.provenance[ROUND_TRIP_KEY], "warning": warning}
+    outputs.write_json(staged_report, _report(args, **summary))
+    return summary
+
+
 def cmd_diffuse_uda(args: argparse.Namespace, progress: Optional[ProgressReporter],
                     outputs: OutputTransaction) -> dict[str, Any]:
     from .config import InputSpec, parse_labels
@@ -603,6 +634,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True,
                    help="new checkpoint, never the input (its report: <out>.report.json)")
     p.add_argument("--rho", type=float, default=0.97, help="confidence threshold")
+    p.add_argument("--seed", type=int, default=0, help="random seed")
+    device_arg(p)
+
+    p = command("round-trip", "measure whether the diffusion model's renderings carry the structure (labelled "
+                "held-out source cases) and record it in a new checkpoint", cmd_round_trip)
+    p.add_argument("--checkpoint", required=True, help="the .sfuda checkpoint with a diffusion model (never modified)")
+    p.add_argument("--image", action="append", required=True,
+                   help="labelled source image the diffusion model was not trained on (repeat)")
+    p.add_argument("--label", action="append", required=True, help="its label map (repeat)")
+    p.add_argument("--out", required=True, help="new checkpoint, never the input (its report: <out>.report.json)")
+    p.add_argument("--slices", type=int, default=16, help="2D model: slices rendered in all, spread over the cases")
+    p.add_argument("--candidates", type=int, default=HEALConfig.candidates, help="candidates per slice")
+    p.add_argument("--sampler", choices=("ddpm", "ddim"), default=HEALConfig.sampler, help="diffusion sampler")
+    p.add_argument("--steps", type=int, default=HEALConfig.steps, help="DDIM steps")
+    p.add_argument("--batch-size", type=int, default=4, help="slices/windows per forward pass")
     p.add_argument("--seed", type=int, default=0, help="random seed")
     device_arg(p)
 

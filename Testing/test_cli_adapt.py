@@ -386,3 +386,33 @@ def test_adapt_gmm_guard_flag_keeps_the_source_segmentation(capsys, files, tmp_p
                        str(files["image_a"]), "--device", "cpu", "--out", str(tmp_path / "none"))
     np.testing.assert_array_equal(read_image(tmp_path / "guarded" / "segmentation.nii.gz").array,
                                   read_image(tmp_path / "none" / "segmentation.nii.gz").array)
+
+
+def test_round_trip_is_stored_in_a_new_checkpoint_read_back_and_warned_about(capsys, files, tmp_path, tiny_full_model):
+    out = tmp_path / "checked.sfuda"
+    code, stdout, err = run(capsys, "round-trip", "--checkpoint", str(files["full"]), "--image",
+                            str(files["source_0"]), "--label", str(files["source_0_seg"]), "--image",
+                            str(files["source_1"]), "--label", str(files["source_1_seg"]), "--slices", "2",
+                            "--candidates", "2", "--steps", "3", "--device", "cpu", "--out", str(out))
+    assert code == 0, err
+    figure = json.loads(stdout)["diffusion_round_trip"]
+    stored = SourceCheckpoint.load(out).provenance["diffusion_round_trip"]
+    assert stored == figure and stored["slices"] == 2 and stored["cases"] == ["source_0.nii.gz", "source_1.nii.gz"]
+    assert 0 <= stored["round_trip_dice"] <= 1 and 0 < stored["source_dice"] <= 1
+    assert file_digest(files["full"]) == file_digest(tiny_full_model.path)  # the input is untouched
+    code, stdout, _ = run(capsys, "info", str(out))
+    assert f"diffusion round trip: mean Dice {stored['round_trip_dice']:.3f}" in stdout
+    from SFUDASegmentLib.heal.diffusion_quality import round_trip_warning
+
+    expected = round_trip_warning(stored)
+    assert (expected is not None) == ("warning: The diffusion model's round trip is far below" in err)
+    # A checkpoint whose figure is far below its source Dice: HEAL's report and stderr say so.
+    checked = SourceCheckpoint.load(out)
+    low = replace(checked, provenance={**checked.provenance, "diffusion_round_trip": {
+        **stored, "round_trip_dice": 0.05, "source_dice": 0.9}}).save(tmp_path / "low.sfuda")
+    code, _, err = run(capsys, "adapt", "--method", "heal", "--checkpoint", str(low), "--image", str(files["image_a"]),
+                       "--stages", "hd+egs", "--candidates", "2", "--steps", "2", "--device", "cpu",
+                       "--out", str(tmp_path / "low_out"))
+    assert code == 0, err
+    assert "round trip is far below the source model: the source model finds 0.05 mean Dice" in err
+    assert "far below" in json.loads((tmp_path / "low_out" / "report.json").read_text())["warnings"][0]

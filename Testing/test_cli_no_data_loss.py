@@ -667,7 +667,7 @@ def test_training_on_grey_pngs_saved_as_rgb_gives_a_grey_model(capsys, work, tmp
 # --------------------------------------------------------------------------- a report from every command
 
 def test_every_writing_command_writes_its_report(capsys, work, tmp_path):
-    """segment, adapt, fit-prototypes, train-source, evaluate and synthesize here; demo and
+    """segment, adapt, fit-prototypes, train-source, evaluate, round-trip and synthesize here; demo and
     diffuse-uda in test_demo.py and test_cli_diffuse_uda.py."""
     runs = {
         "segment": (segment_argv(work, tmp_path / "seg"), tmp_path / "seg" / "report.json"),
@@ -682,6 +682,9 @@ def test_every_writing_command_writes_its_report(capsys, work, tmp_path):
                          tmp_path / "m.sfuda.report.json"),
         "evaluate": (["evaluate", "--pred", str(work["labels"]), "--gt", str(work["source_seg"]),
                       "--json", str(tmp_path / "scores.json")], tmp_path / "scores.json.report.json"),
+        "round-trip": (["round-trip", "--checkpoint", str(work["checkpoint"]), "--image", str(work["source"]),
+                        "--label", str(work["source_seg"]), "--slices", "1", "--candidates", "1", "--steps", "2",
+                        "--out", str(tmp_path / "rt.sfuda"), "--device", "cpu"], tmp_path / "rt.sfuda.report.json"),
         "synthesize": (["synthesize", "--checkpoint", str(work["checkpoint"]), "--label", str(work["labels"]),
                         "--n", "1", "--steps", "2", "--out", str(tmp_path / "syn"), "--device", "cpu"],
                        tmp_path / "syn" / "report.json"),

@@ -13,6 +13,7 @@ mean over cases (cases where both masks are empty skipped), then the mean over c
 from __future__ import annotations
 
 import warnings
+from dataclasses import replace
 from typing import Any, Optional, Sequence
 
 import numpy as np
@@ -24,6 +25,7 @@ from ..errors import CheckpointError, InputError
 from ..inference.preparation import PreparedInput, labels_on_network_grid, predict_indices, prepare_input
 from ..utils.device import free_memory, resolve_device
 from ..utils.progress import ProgressReporter, report
+from .diffusion_quality import ROUND_TRIP_KEY
 from .pipeline import edge_guided_segmentation
 
 
@@ -112,3 +114,14 @@ def diffusion_round_trip(checkpoint: SourceCheckpoint, images: Sequence[Volume],
         "steps": config.steps,
     }
 
+
+
+def with_round_trip(checkpoint: SourceCheckpoint, images: Sequence[Volume], labels: Sequence[Volume],
+                    config: HEALConfig = HEALConfig(), inference: InferenceConfig = InferenceConfig(),
+                    max_slices: int = 16, case_names: Optional[Sequence[str]] = None,
+                    progress: Optional[ProgressReporter] = None) -> SourceCheckpoint:
+    """A copy of ``checkpoint`` whose card records the round trip on these labelled cases
+    (provenance ``diffusion_round_trip``; see :func:`diffusion_round_trip`). The cases should be
+    source cases the diffusion model was not trained on."""
+    figure = diffusion_round_trip(checkpoint, images, labels, config, inference, max_slices, case_names, progress)
+    return replace(checkpoint, provenance={**checkpoint.provenance, ROUND_TRIP_KEY: figure})
