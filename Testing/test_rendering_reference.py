@@ -10,12 +10,14 @@ body masks and labels, computed, not drawn) and compare today's outputs to those
 without per-step noise, DDPM, 3D volume mode with one and with two chunks, and Diffuse-UDA
 synthesis.
 
-Tolerance: 2e-5 in normalised units (z-scores; the network works in [-1, 1], 1/3 of that
-range per z-score unit). The new code computes the same operations in another order (the
-network runs on smaller groups of items; GroupNorm and the timestep modulation are one
-operation; in-place activations), which changes float32 rounding only: about 1e-7 per
-operation, amplified over the sampling steps. A changed algorithm (other noise, other box,
-other step rule) moves samples by 1e-2 or more.
+Tolerance: 5e-4 in normalised units (z-scores; 1.7e-4 in the network's [-1, 1]). The new code
+computes the same operations in another order (the network runs on groups of items on worker
+threads; GroupNorm and the timestep modulation are one operation; in-place activations), which
+changes float32 rounding only, and the sampler amplifies rounding: its first step divides by
+sqrt(abar) of almost pure noise. The old code itself moves its samples by up to 1.4e-4 here
+when it runs on 2 PyTorch threads instead of 1, and other CPUs (AVX2 instead of AVX-512) round
+differently again. A changed algorithm (other noise, other box, other step rule, items mixed
+in a network call) moves samples by 1e-2 or more.
 
 Regenerate the reference (only on purpose, when the results are meant to change) with
 ``python Testing/test_rendering_reference.py``.
@@ -23,8 +25,11 @@ Regenerate the reference (only on purpose, when the results are meant to change)
 
 from __future__ import annotations
 
+import contextlib
+import threading
 from dataclasses import replace
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import pytest
@@ -36,13 +41,14 @@ from SFUDASegmentLib.config import (DiffusionNetConfig, DiffusionTrainingConfig,
 from SFUDASegmentLib.data.geometry import Geometry
 from SFUDASegmentLib.data.synthetic import PHANTOM_CLASSES
 from SFUDASegmentLib.diffuse_uda.synthesis import LabelTemplate, synthesize_pairs
+from SFUDASegmentLib.diffusion import sampling
 from SFUDASegmentLib.diffusion.training import train_diffusion
 from SFUDASegmentLib.heal.pipeline import render_candidates, slices_to_render
 from SFUDASegmentLib.inference.preparation import PreparedInput
 from tiny_models import single_thread, untrained_checkpoint  # noqa: F401
 
 REFERENCE = Path(__file__).parent / "data" / "rendering_reference.npz"
-TOLERANCE = 2e-5
+TOLERANCE = 5e-4
 TIMESTEPS = 8
 CLASSES = list(PHANTOM_CLASSES[:2])
 CASES = {
@@ -144,16 +150,44 @@ def reference() -> dict[str, np.ndarray]:
         return dict(stored)
 
 
+@pytest.mark.parametrize("split", [False, True], ids=["as-chosen", "one-item-calls-on-2-workers"])
 @pytest.mark.parametrize("name", sorted(CASES))
-def test_candidates_equal_the_reference(reference, name):
+def test_candidates_equal_the_reference(reference, name, split, monkeypatch):
     dims = CASES[name][0]
-    candidates = render_case(name, weights_from(reference, dims))
+    calls: list[tuple[int, str]] = []
+    if split:  # every network call gets one item, two worker threads share them
+        monkeypatch.setattr(sampling, "CPU_VOXELS_PER_CALL", 1)
+        original = SourceCheckpoint.build_diffusion_net
+
+        def recording(self: SourceCheckpoint, device: str = "cpu") -> torch.nn.Module:
+            net = original(self, device)
+            net.register_forward_hook(lambda module, args, out: calls.append(
+                (args[0].shape[0], threading.current_thread().name)))
+            return net
+        monkeypatch.setattr(SourceCheckpoint, "build_diffusion_net", recording)
+    with two_threads() if split else contextlib.nullcontext():
+        candidates = render_case(name, weights_from(reference, dims))
+    if split:
+        assert {size for size, _ in calls} == {1}
+        if CASES[name][1].candidate_batch > 1:  # chunks of one item are one call, on this thread
+            assert len({thread for _, thread in calls}) == 2 and all("sfuda-cpu" in t for _, t in calls)
     expected = reference[f"candidates/{name}"]
     assert candidates.shape == expected.shape and candidates.dtype == np.float32
     np.testing.assert_allclose(candidates, expected, rtol=0, atol=TOLERANCE)
     prepared, _ = case_inputs(dims)
     inside = expected[np.broadcast_to(prepared.foreground, expected.shape)]
     assert np.mean(np.abs(inside) < 2.999) > 0.8  # most of the body is not at a clipping bound
+
+
+@contextlib.contextmanager
+def two_threads() -> Iterator[None]:
+    """Two PyTorch threads for the enclosed block (this module otherwise runs on one)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_reference_cases_exercise_what_they_claim(reference):
