@@ -60,9 +60,8 @@ def test_single_threaded_workers_set_one_thread_and_restore():
             names = set(pool.map(lambda _: (threading.current_thread().name, torch.get_num_threads()), range(8)))
             assert all(name.startswith("sfuda-cpu") and threads == 1 for name, threads in names)
         assert torch.get_num_threads() == 2
-        with pytest.raises(RuntimeError, match="inside"):
-            with single_threaded_workers(2):
-                raise RuntimeError("inside")
+        with pytest.raises(RuntimeError, match="inside"), single_threaded_workers(2):
+            raise RuntimeError("inside")
         assert torch.get_num_threads() == 2
         with single_threaded_workers(1) as pool:
             assert pool is None and torch.get_num_threads() == 2

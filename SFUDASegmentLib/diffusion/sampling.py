@@ -175,9 +175,9 @@ def diffusion_loss(model: NoisePredictor, x0: torch.Tensor, cond: torch.Tensor, 
 
 CPU_VOXELS_PER_CALL = 65_536
 """On CPU, a network call gets items of at most this many voxels in all (at least one item):
-about two 176x176 slices. Large calls are slower per item on CPU (a 2D U-Net call on 24 such
-slices took 1.5x the CPU time per slice of calls on 2-4, most of it spent zeroing freshly
-mapped memory; ``bench_speed.py``)."""
+about two 176x176 slices. Large calls are slower per item on CPU: in a call on 48 such slices
+the kernel mapping and zeroing fresh memory took 131.7 of the 215.2 CPU ms per item, in calls
+on 2 it took 6.9 of 64.5 (``bench_speed.py network``, one run on a busy machine)."""
 
 
 def network_groups(device: torch.device, batch: int, item_voxels: int, workers: int) -> list[slice]:

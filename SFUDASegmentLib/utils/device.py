@@ -75,10 +75,11 @@ def single_threaded_workers(workers: int) -> Iterator[Optional[ThreadPoolExecuto
 
     For many independent network calls on CPU (the items of a diffusion batch): PyTorch's own
     threads split every operation and wait for each other after it, and on a machine whose
-    cores other processes share a waiting thread spins while the other is descheduled (on 2
-    shared cores one 2-thread network call took 5-9x longer than two 1-thread calls side by
-    side; ``bench_speed.py``). Workers that each compute whole calls never wait for each other.
-    The PyTorch thread count is process-wide: it is 1 while the pool exists and restored after.
+    cores other processes share a waiting thread spins while the other is descheduled. Workers
+    that each compute whole calls never wait for each other (``bench_speed.py network``: the
+    sampler's calls on 2 workers took 82-131 ms per item and step on 2 busy cores, one call
+    on 2 PyTorch threads 156-452 ms). The PyTorch thread count is process-wide: it is 1 while
+    the pool exists and restored after.
 
     Args:
         workers: threads to start (usually ``torch.get_num_threads()``).
