@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from typing import Callable, Optional
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -22,7 +23,7 @@ import torch.nn.functional as F
 
 from ..config import ScheduleConfig
 from ..errors import InputError
-from ..utils.device import autocast
+from ..utils.device import autocast, single_threaded_workers
 from ..utils.progress import ProgressReporter, report
 
 NoisePredictor = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -172,6 +173,58 @@ def diffusion_loss(model: NoisePredictor, x0: torch.Tensor, cond: torch.Tensor, 
     return F.mse_loss(predicted, noise.float())
 
 
+CPU_VOXELS_PER_CALL = 65_536
+"""On CPU, a network call gets items of at most this many voxels in all (at least one item):
+about two 176x176 slices. Large calls are slower per item on CPU: in a call on 48 such slices
+the kernel mapping and zeroing fresh memory took 131.7 of the 215.2 CPU ms per item, in calls
+on 2 it took 6.9 of 64.5 (``bench_speed.py network``, one run on a busy machine)."""
+
+
+def network_groups(device: torch.device, batch: int, item_voxels: int, workers: int) -> list[slice]:
+    """How a sampler splits a batch into network calls: consecutive groups of items.
+
+    Every item is computed on its own (convolutions, GroupNorm and attention never mix
+    items), so the split changes float rounding at most, never the samples. On GPU the batch
+    is one call. On CPU the groups are the fewest within :data:`CPU_VOXELS_PER_CALL`, but at
+    least one per worker, and their number a multiple of ``workers`` (so that the threads that
+    compute them side by side finish together), of sizes that differ by one at most, the larger
+    ones first. One worker takes a batch within the budget in one call.
+
+    Args:
+        device: where the network runs.
+        batch: items in the batch.
+        item_voxels: spatial voxels of one item.
+        workers: CPU threads that will compute groups side by side.
+
+    Returns:
+        Slices of the batch axis, in order, covering it.
+    """
+    workers = max(1, workers)
+    if device.type != "cpu" or (workers == 1 and batch * item_voxels <= CPU_VOXELS_PER_CALL):
+        return [slice(0, batch)]
+    most = max(1, CPU_VOXELS_PER_CALL // max(item_voxels, 1))
+    fewest = -(-batch // most)
+    count = min(batch, -(-fewest // workers) * workers)
+    size, larger = divmod(batch, count)
+    starts = [0]
+    for i in range(count):  # the larger groups first: the pool hands out groups in order
+        starts.append(starts[-1] + size + (i < larger))
+    return [slice(lo, hi) for lo, hi in zip(starts[:-1], starts[1:])]
+
+
+def _predict_noise(model: NoisePredictor, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor,
+                   groups: Sequence[slice], pool: Optional[ThreadPoolExecutor], amp: bool) -> torch.Tensor:
+    """``model(x_t, t, cond)`` as float32, one call per group of items (side by side on the
+    pool's threads when there is one; grad mode and autocast are per thread, so each call sets
+    them)."""
+    def call(group: slice) -> torch.Tensor:
+        with torch.inference_mode(), autocast(x_t.device, enabled=amp):
+            return model(x_t[group], t[group], cond[group]).float()
+
+    parts = list(pool.map(call, groups)) if pool is not None else [call(group) for group in groups]
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
 class _Sampler(ABC):
     """Shared sampling loop: subclasses define :attr:`timesteps_sequence` and :meth:`step`."""
 
@@ -234,14 +287,15 @@ class _Sampler(ABC):
         was_training = getattr(model, "training", None)
         if was_training:
             model.eval()  # type: ignore[union-attr]
+        threads = torch.get_num_threads()
+        groups = network_groups(device, shape[0], math.prod(shape[2:]), threads)
         try:
-            with torch.inference_mode():
+            with torch.inference_mode(), single_threaded_workers(min(len(groups), threads)) as pool:
                 x = torch.randn(shape, generator=generator, dtype=torch.float32).to(device)
                 for i, t_value in enumerate(self.timesteps_sequence):
                     t = torch.full((shape[0],), t_value, dtype=torch.long, device=device)
-                    with autocast(device, enabled=amp):
-                        eps = model(x, t, cond)
-                    x = self.step(i, x, eps.float(), generator)
+                    eps = _predict_noise(model, x, t, cond, groups, pool, amp)
+                    x = self.step(i, x, eps, generator)
                     report(progress, self.stage, (i + 1) / self.num_steps,
                            f"{self.name} step {i + 1}/{self.num_steps}",
                            done=i + 1, total=self.num_steps, unit="steps")
