@@ -345,7 +345,10 @@ def test_train_diffusion_reduces_the_loss_and_returns_loadable_ema():
     result = train_diffusion(samples, net_config, ScheduleConfig(timesteps=50),
                              DiffusionTrainingConfig(iterations=150, batch_size=4, lr=3e-3, device="cpu"),
                              patch_size=None, progress=ProgressReporter(events.append))
-    assert len(result.losses) == 150 and len(events) == 150 and events[-1].fraction == 1.0
+    assert len(result.losses) == 150 and events[-1].fraction == 1.0
+    assert [e.done for e in events] == list(range(151)) and {e.total for e in events} == {150}
+    assert {e.unit for e in events} == {"iterations"} and events[-1].rate > 0
+    assert result.seconds > 0 and result.iterations_per_second == pytest.approx(150 / result.seconds)
     assert np.mean(result.losses[-20:]) < 0.8 * np.mean(result.losses[:20])
     net = ConditionalDiffusionUNet.from_config(result.net_config)
     net.load_state_dict(result.ema_state_dict, strict=True)
