@@ -91,10 +91,25 @@ def _print_json(data: Any) -> None:
 
 
 # ----------------------------------------------------------------------------- commands
+def _spacing(text: str, dims: str) -> tuple[float, ...]:
+    """``--spacing``: two in-plane values (any dims) or ``z,y,x`` (3D), positive millimetres."""
+    try:
+        values = tuple(float(v) for v in text.replace("x", ",").split(",") if v.strip())
+    except ValueError:
+        values = ()
+    if len(values) not in (2, 3) or not all(0 < v < float("inf") for v in values) or (len(values) == 3 and dims != "3d"):
+        raise InputError(f"--spacing takes the network spacing in mm: two in-plane values such as '2,2' "
+                         f"(2D, 2.5D and 3D; the slice spacing is kept) or 'z,y,x' such as '1,2,2' (3D only); "
+                         f"got '{text}' with --dims {dims}.")
+    return values
+
+
 def cmd_train_source(args: argparse.Namespace, progress: Optional[ProgressReporter]) -> int:
     from .config import DiffusionTrainingConfig, InputSpec, TrainingConfig, parse_labels
     from .data.io import read_image, read_label
-    from .training.segmentation import default_seg_config, train_source
+    from .diffusion.training import diffusion_defaults, parse_diffusion_widths, widths_to_base_and_multipliers
+    from .training.segmentation import default_diffusion_config, default_seg_config, train_source
+    from .utils.distributed import process_group
 
     images, labels = list(args.image or []), list(args.label or [])
     if args.pairs:
@@ -105,6 +120,8 @@ def cmd_train_source(args: argparse.Namespace, progress: Optional[ProgressReport
         raise InputError(f"Got {len(images)} --image and {len(labels)} --label; give one label per "
                          "image (repeat --image/--label, or --pairs pairs.csv).")
     classes = parse_labels(args.labels)
+    spacing = _spacing(args.spacing, args.dims) if args.spacing else None
+    widths = parse_diffusion_widths(args.diffusion_channels) if args.diffusion_channels else None
     allowed = {0} | {c.value for c in classes}
     volumes = [read_image(p) for p in images]
     label_maps = [read_label(p, allowed_values=allowed) for p in labels]
@@ -112,19 +129,35 @@ def cmd_train_source(args: argparse.Namespace, progress: Optional[ProgressReport
     default_patch = (64, 64, 64) if args.dims == "3d" else (128, 128)
     patch = _ints(args.patch_size, "patch-size") if args.patch_size else default_patch
     spec = InputSpec(dims=args.dims, modality=args.modality, image_channels=channels,
-                     context_slices=args.context, patch_size=patch)
+                     context_slices=args.context, patch_size=patch, target_spacing=spacing)
     config = TrainingConfig(epochs=args.epochs, iterations_per_epoch=args.iterations,
-                            batch_size=args.batch_size, lr=args.lr, seed=args.seed, device=args.device)
+                            batch_size=args.batch_size, lr=args.lr, seed=args.seed, device=args.device,
+                            validation_interval=args.validation_interval,
+                            validation_samples=args.validation_samples)
     seg_config = default_seg_config(spec, 1 + len(classes), _ints(args.channels, "channels"))
-    diffusion = None
-    if args.diffusion:
-        diffusion = DiffusionTrainingConfig(iterations=args.diffusion_iterations, seed=args.seed,
-                                            device=args.device, batch_size=args.batch_size)
     out = Path(args.out)
-    outcome = train_source(volumes, label_maps, classes, spec, config, seg_config, diffusion,
-                           progress=progress, case_names=[Path(p).name for p in images],
-                           resume_path=out.with_suffix(out.suffix + ".train-state") if args.resume else None)
+    with process_group(args.device) as distributed:
+        diffusion = diffusion_net = defaults = None
+        if args.diffusion:
+            defaults = diffusion_defaults(distributed.device(args.device))
+            iterations = defaults.iterations if args.diffusion_iterations is None else args.diffusion_iterations
+            diffusion = DiffusionTrainingConfig(iterations=iterations,
+                                                lr=defaults.lr, seed=args.seed, device=args.device,
+                                                batch_size=args.batch_size)
+            diffusion_net = default_diffusion_config(spec, 1 + len(classes),
+                                                     *widths_to_base_and_multipliers(widths or defaults.widths),
+                                                     defaults.num_res_blocks)
+        outcome = train_source(volumes, label_maps, classes, spec, config, seg_config, diffusion, diffusion_net,
+                               progress=progress if distributed.is_main else None,
+                               case_names=[Path(p).name for p in images], distributed=distributed,
+                               resume_path=out.with_suffix(out.suffix + ".train-state") if args.resume else None)
+    if not distributed.is_main:
+        return 0
     checkpoint = outcome.checkpoint
+    if defaults is not None:
+        overridden = [name for name, given in (("widths", widths), ("iterations", args.diffusion_iterations))
+                      if given is not None]
+        checkpoint.provenance["diffusion_training"]["defaults"] = {**defaults.to_dict(), "overridden": overridden}
     if args.prototypes:
         from .config import GMMConfig
         from .gmm import fit_prototypes
@@ -132,8 +165,12 @@ def cmd_train_source(args: argparse.Namespace, progress: Optional[ProgressReport
         checkpoint = fit_prototypes(checkpoint, volumes, label_maps, GMMConfig(rho=args.rho, seed=args.seed),
                                     device=args.device, progress=progress)
     checkpoint.save(out)
+    for warning in outcome.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
     _print_json({"checkpoint": str(out), "best_epoch": outcome.best_epoch,
-                 "validation_mean_dice": outcome.best_val_dice, "history": outcome.history})
+                 "validation_mean_dice": outcome.best_val_dice,
+                 "validation": checkpoint.provenance["validation"], "warnings": outcome.warnings,
+                 "timings": outcome.timings, "history": outcome.history})
     return 0
 
 
@@ -160,6 +197,10 @@ def cmd_adapt(args: argparse.Namespace, progress: Optional[ProgressReporter]) ->
     from .data.io import read_image
     from .results.files import write_result
 
+    if args.cohort:
+        from .cohort import adapt_cohort
+
+        return adapt_cohort(args, cmd_adapt, progress)
     checkpoint = SourceCheckpoint.load(args.checkpoint)
     if args.save_adapted and (args.method != "gmm" or Path(args.save_adapted).resolve() == Path(args.checkpoint).resolve()):
         raise InputError(f"--save-adapted '{args.save_adapted}' must name a new file (the source checkpoint is never "
@@ -228,11 +269,13 @@ def cmd_diffuse_uda(args: argparse.Namespace, progress: Optional[ProgressReporte
     from .config import InputSpec, parse_labels
     from .data.io import read_image, read_label
     from .diffuse_uda import DiffuseUDAConfig, run_diffuse_uda
+    from .diffusion.training import parse_diffusion_widths, widths_to_base_and_multipliers
 
     if not args.source_image or len(args.source_image) != len(args.source_label or []):
         raise InputError(f"Got {len(args.source_image or [])} --source-image and {len(args.source_label or [])} "
                          "--source-label; give one --source-label per --source-image (labelled source scans).")
     classes = parse_labels(args.labels)
+    diffusion_base, diffusion_mults = widths_to_base_and_multipliers(parse_diffusion_widths(args.diffusion_channels))
     allowed = {0} | {c.value for c in classes}
     sources = [read_image(p) for p in args.source_image]
     labels = [read_label(p, allowed_values=allowed) for p in args.source_label]
@@ -240,16 +283,11 @@ def cmd_diffuse_uda(args: argparse.Namespace, progress: Optional[ProgressReporte
     default_patch = (64, 64, 64) if args.dims == "3d" else (128, 128)
     spec = InputSpec(dims=args.dims, modality=args.modality, image_channels=3 if sources[0].is_rgb else 1,
                      patch_size=_ints(args.patch_size, "patch-size") if args.patch_size else default_patch)
-    diffusion_widths = _ints(args.diffusion_channels, "diffusion-channels")
-    if not diffusion_widths or any(w < 1 or w % diffusion_widths[0] for w in diffusion_widths):
-        raise InputError(f"--diffusion-channels takes positive widths per level that are multiples of the "
-                         f"first, e.g. '32,64,64,128'; got '{args.diffusion_channels}'.")
     config = DiffuseUDAConfig(fourier=not args.no_fourier, deform=not args.no_deform,
                               synthetic_scale=args.synthetic_scale, ascplus_iterations=args.iterations,
                               diffusion_iterations=args.diffusion_iterations, retrain_iterations=args.iterations,
                               batch_size=args.batch_size, seg_channels=_ints(args.channels, "channels"),
-                              diffusion_base_channels=diffusion_widths[0],
-                              diffusion_channel_mults=tuple(w // diffusion_widths[0] for w in diffusion_widths),
+                              diffusion_base_channels=diffusion_base, diffusion_channel_mults=diffusion_mults,
                               steps=args.steps, seed=args.seed, device=args.device)
     outcome = run_diffuse_uda(sources, labels, targets, classes, spec, config,
                               Path(args.workdir) if args.workdir else None, progress,
@@ -328,8 +366,9 @@ def cmd_info(args: argparse.Namespace, progress: Optional[ProgressReporter]) -> 
     print(f"  methods: {', '.join(card['methods'])}")
     prov = card["provenance"]
     if prov:
+        on = f" on the {prov['validation']}" if prov.get("validation") else ""
         print(f"  trained on: {prov.get('data', '?')}; validation mean Dice "
-              f"{prov.get('validation_mean_dice', float('nan')):.3f}")
+              f"{prov.get('validation_mean_dice', float('nan')):.3f}{on}")
     return 0
 
 
@@ -366,12 +405,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output checkpoint, e.g. model.sfuda")
     p.add_argument("--epochs", type=int, default=20)
     p.add_argument("--iterations", type=int, default=50, help="iterations per epoch")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-size", type=int, default=8,
+                   help="global batch (under torchrun split evenly over the processes)")
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--patch-size", help="e.g. 128,128 (2D) or 64,64,64 (3D)")
+    p.add_argument("--spacing", help="network spacing in mm: '2,2' in-plane (any --dims; the slice spacing is kept) "
+                                     "or 'z,y,x' such as '1,2,2' (3D); default: each image's own")
     p.add_argument("--channels", default="16,32,64,128", help="U-Net width per level")
+    p.add_argument("--validation-interval", type=int, default=1, help="validate every N epochs (and after the last)")
+    p.add_argument("--validation-samples", type=int, default=32,
+                   help="slices (2D, 2.5D) or windows (3D) of the held-out cases in the fixed validation sample; "
+                        "0: whole cases")
     p.add_argument("--diffusion", action="store_true", help="also train the conditional diffusion model (HEAL)")
-    p.add_argument("--diffusion-iterations", type=int, default=2000)
+    p.add_argument("--diffusion-iterations", type=int,
+                   help="default: 1000 on CPU, 100000 on GPU (Med-DDPM's)")
+    p.add_argument("--diffusion-channels",
+                   help="diffusion U-Net width per level (multiples of the first), as for diffuse-uda; "
+                        "default: 16,32,32 with one residual block a level on CPU, 64,64,128,192,256 with two "
+                        "on GPU (Med-DDPM's)")
     p.add_argument("--prototypes", action="store_true", help="also fit the GMM class prototypes (GMM adaptation)")
     p.add_argument("--rho", type=float, default=0.97, help="with --prototypes: confidence threshold of the voxels they are fitted on")
     p.add_argument("--resume", action="store_true", help="resume an interrupted run (state file beside --out)")
@@ -417,6 +468,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="prototype samples per class: source priors (default) or the target's confident "
                         "pseudo-label shares")
     g.add_argument("--save-adapted", help="also write the adapted model as a new checkpoint")
+    p.add_argument("--cohort", action="store_true",
+                   help="adapt every --image on its own into OUT/case_NNN_<name> and write OUT/cohort.json; "
+                        "under torchrun the images are split over the processes")
     device_arg(p)
     p.set_defaults(func=cmd_adapt)
 
