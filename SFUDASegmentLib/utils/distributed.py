@@ -104,12 +104,17 @@ class DistributedContext:
         return _SumOverProcesses.apply(tensor)
 
     def sum(self, tensor: torch.Tensor) -> torch.Tensor:
-        """Sum over the processes (no gradient); a new tensor."""
+        """Sum over the processes (no gradient); a new tensor on ``tensor``'s device.
+
+        NCCL reduces CUDA tensors only: a CPU tensor travels through this process's GPU.
+        """
         if not self.is_distributed:
             return tensor.detach().clone()
-        out = tensor.detach().clone()
+        on_gpu = torch.distributed.get_backend() == "nccl"
+        out = tensor.detach().to(torch.device("cuda", torch.cuda.current_device()) if on_gpu else tensor.device,
+                                 copy=True)
         torch.distributed.all_reduce(out)
-        return out
+        return out.to(tensor.device)
 
     def mean(self, value: float) -> float:
         """Mean of a number over the processes."""
