@@ -418,7 +418,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "0: whole cases")
     p.add_argument("--diffusion", action="store_true", help="also train the conditional diffusion model (HEAL)")
     p.add_argument("--diffusion-iterations", type=int,
-                   help="default: 1000 on CPU, 100000 on GPU (Med-DDPM's)")
+                   help="default: 600 on CPU, 100000 on GPU (Med-DDPM's)")
     p.add_argument("--diffusion-channels",
                    help="diffusion U-Net width per level (multiples of the first), as for diffuse-uda; "
                         "default: 16,32,32 with one residual block a level on CPU, 64,64,128,192,256 with two "
@@ -548,6 +548,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of the ``sfuda`` console script; returns the exit code."""
+    from .utils.threads import prefer_sleeping_threads
+
+    prefer_sleeping_threads()  # before anything imports PyTorch
     args = build_parser().parse_args(argv)
     progress, close = make_reporter(args.progress)
     try:

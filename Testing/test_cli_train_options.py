@@ -1,10 +1,14 @@
 """``train-source`` options for the machine at hand: ``--spacing``, ``--diffusion-channels``,
 device-aware diffusion defaults recorded in the model card, the validation options, and the
-warning (and card entry, shown by ``sfuda info``) when no case is held out for validation."""
+warning (and card entry, shown by ``sfuda info``) when no case is held out for validation; and
+the OpenMP wait policy that ``sfuda`` sets for shared CPUs."""
 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -147,3 +151,16 @@ def test_one_case_warns_records_and_info_shows_it(capsys, pairs, tmp_path):
     code, stdout, _ = run(capsys, "info", str(tmp_path / "3.sfuda"))
     assert "on the held-out case(s)" in stdout
     assert np.isfinite(SourceCheckpoint.load(tmp_path / "3.sfuda").provenance["validation_mean_dice"])
+
+
+def test_sfuda_lets_waiting_threads_sleep_unless_the_user_chose(monkeypatch, capsys, tmp_path):
+    """OMP_WAIT_POLICY=PASSIVE, set before PyTorch loads (importing the CLI does not load it)."""
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    run(capsys, "info", str(tmp_path / "missing.sfuda"))
+    assert os.environ["OMP_WAIT_POLICY"] == "PASSIVE"
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
+    run(capsys, "info", str(tmp_path / "missing.sfuda"))
+    assert os.environ["OMP_WAIT_POLICY"] == "ACTIVE"
+    probe = subprocess.run([sys.executable, "-c", "import sys, SFUDASegmentLib.cli; print('torch' in sys.modules)"],
+                           capture_output=True, text=True, timeout=120, cwd=Path(cli.__file__).parents[1])
+    assert probe.stdout.strip() == "False", probe.stderr

@@ -123,7 +123,7 @@ class DiffusionDefaults:
                 "iterations": self.iterations, "lr": self.lr}
 
 
-CPU_DIFFUSION_DEFAULTS = DiffusionDefaults("cpu", (16, 32, 32), 1, 1000, 1e-3)
+CPU_DIFFUSION_DEFAULTS = DiffusionDefaults("cpu", (16, 32, 32), 1, 600, 1e-3)
 """A small network (three levels, base 16, one residual block a level: the demo's) and a short
 run at a higher learning rate; with train-source's other defaults the brats2018 recipe (ten
 cases, 2D at 2 mm in-plane) trains in under 30 minutes on two CPU cores (see the README)."""
@@ -188,7 +188,11 @@ class DiffusionTrainingResult:
 
 
 class _PatchSampler:
-    """Draws random, randomly flipped patches (or slices of 3D volumes) from the samples."""
+    """Draws random, randomly flipped patches (or slices of 3D volumes) from the samples.
+
+    Slices of 3D volumes are drawn among those that hold body (all slices of a volume without
+    any): HEAL renders only such slices, so empty ones would only cost time.
+    """
 
     def __init__(self, samples: Sequence[Sample], net_config: DiffusionNetConfig,
                  patch_size: Optional[tuple[int, ...]], rng: np.random.Generator) -> None:
@@ -196,6 +200,11 @@ class _PatchSampler:
         self.rng = rng
         dims = net_config.spatial_dims
         self.slice_mode = samples[0][1].ndim == 3 and dims == 2
+        self.body_slices = []
+        if self.slice_mode:
+            for _, labels, body in samples:
+                held = np.flatnonzero(body.reshape(body.shape[0], -1).any(axis=1))
+                self.body_slices.append(held if held.size else np.arange(labels.shape[0]))
         shapes = [lab.shape[1:] if self.slice_mode else lab.shape for _, lab, _ in samples]
         if patch_size is None:
             self.patch = tuple(int(max(s[a] for s in shapes)) for a in range(dims))
@@ -208,7 +217,8 @@ class _PatchSampler:
         shape = self.samples[index][1].shape
         z = -1
         if self.slice_mode:
-            z = int(self.rng.integers(shape[0]))
+            slices = self.body_slices[index]
+            z = int(slices[self.rng.integers(len(slices))])
             shape = shape[1:]
         starts = [int(self.rng.integers(max(p, s) - p + 1)) for p, s in zip(self.patch, shape)]
         flips = [bool(self.rng.random() < 0.5) for _ in shape]

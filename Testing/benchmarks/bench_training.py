@@ -3,16 +3,25 @@
 fixed sample, and once over whole volumes for comparison) and peak memory.
 
 Each case count runs in a fresh process (peak resident memory is a per-process high-water mark),
-one default epoch each (50 iterations, global batch 8, 128x128 patches, 32 validation slices):
+one default epoch each (50 iterations, global batch 8, 128x128 patches, 32 validation slices),
+with ``OMP_WAIT_POLICY=PASSIVE`` as ``sfuda`` runs (unless the environment sets a policy):
 
     python Testing/benchmarks/bench_training.py
     python Testing/benchmarks/bench_training.py --cases 10 --iterations 50   # one count, in-process
+
+``--wait-policies`` compares how PyTorch's OpenMP threads wait (the runtime's default, spinning a
+while, against ``OMP_WAIT_POLICY=PASSIVE``, which ``sfuda`` sets): seconds per source-training
+iteration (3 cases, as above) and per iteration of the CPU-default diffusion network (global
+batch 8, 128x128), each policy in fresh processes, twice, alternating:
+
+    python Testing/benchmarks/bench_training.py --wait-policies
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -78,6 +87,47 @@ def measure(data: Path, cases: int, iterations: int, spacing: float) -> dict:
     }
 
 
+def seconds_per_iteration(data: Path, spacing: float) -> dict:
+    """Seconds per source-training iteration (3 cases, 8 iterations) and per iteration of the CPU
+    default diffusion network (4 iterations after one warm-up), in this process."""
+    from SFUDASegmentLib.config import DiffusionTrainingConfig, ScheduleConfig
+    from SFUDASegmentLib.diffusion.training import CPU_DIFFUSION_DEFAULTS, train_diffusion, widths_to_base_and_multipliers
+    from SFUDASegmentLib.training.segmentation import default_diffusion_config
+
+    folders = sorted(p for p in data.iterdir() if p.is_dir())[:3]
+    spec = InputSpec(dims="2d", target_spacing=(spacing, spacing), patch_size=(128, 128))
+    cases = [prepare_training_case(read_image(f / f"{f.name}_t1ce.nii.gz"),
+                                   read_label(f / f"{f.name}_seg.nii.gz", {0, *(c.value for c in CLASSES)}),
+                                   CLASSES, spec, f.name) for f in folders]
+    run = train_segmentation(cases, spec, default_seg_config(spec, 1 + len(CLASSES)),
+                             TrainingConfig(epochs=1, iterations_per_epoch=8, batch_size=8, device="cpu",
+                                            validation_samples=4))
+    net = default_diffusion_config(spec, 1 + len(CLASSES), *widths_to_base_and_multipliers(CPU_DIFFUSION_DEFAULTS.widths),
+                                   CPU_DIFFUSION_DEFAULTS.num_res_blocks)
+    samples = [(np.clip(c.image[:, c.labels.shape[0] // 2] / 3, -1, 1), c.labels[c.labels.shape[0] // 2],
+                c.foreground[c.labels.shape[0] // 2]) for c in cases]
+    config = DiffusionTrainingConfig(iterations=1, batch_size=8, device="cpu")
+    train_diffusion(samples, net, ScheduleConfig(), config, (128, 128))
+    config.iterations = 4
+    diffusion = train_diffusion(samples, net, ScheduleConfig(), config, (128, 128))
+    return {"segmentation_seconds": 1 / run.timings()["iterations_per_second"],
+            "diffusion_seconds": diffusion.seconds / 4, "load": open("/proc/loadavg").read().split()[0]
+            if Path("/proc/loadavg").is_file() else "?"}
+
+
+def compare_wait_policies(data: Path, spacing: float) -> None:
+    """Each policy in fresh processes, alternating, twice."""
+    print(f"{'OMP_WAIT_POLICY':>16} {'training s/it':>13} {'diffusion s/it':>14} {'load':>5}")
+    for policy in ("(default)", "PASSIVE") * 2:
+        env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+        if policy == "PASSIVE":
+            env["OMP_WAIT_POLICY"] = policy
+        child = subprocess.run([sys.executable, __file__, "--data", str(data), "--spacing", str(spacing),
+                                "--iteration-seconds"], capture_output=True, text=True, check=True, env=env)
+        row = json.loads(child.stdout.strip().splitlines()[-1])
+        print(f"{policy:>16} {row['segmentation_seconds']:13.2f} {row['diffusion_seconds']:14.2f} {row['load']:>5}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default=str(DEFAULT_DATA))
@@ -85,19 +135,29 @@ def main() -> None:
     parser.add_argument("--counts", default="2,5,10", help="case counts, each in a fresh process")
     parser.add_argument("--iterations", type=int, default=50, help="iterations of the epoch (default: one default epoch)")
     parser.add_argument("--spacing", type=float, default=2.0, help="in-plane network spacing (mm)")
+    parser.add_argument("--wait-policies", action="store_true", help="compare OpenMP wait policies (see above)")
+    parser.add_argument("--iteration-seconds", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.wait_policies:
+        compare_wait_policies(Path(args.data), args.spacing)
+        return
+    if args.iteration_seconds:
+        print(json.dumps(seconds_per_iteration(Path(args.data), args.spacing)))
+        return
     if args.cases:
         print(json.dumps(measure(Path(args.data), args.cases, args.iterations, args.spacing)))
         return
     rows = []
+    env = {**os.environ}
+    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     for count in (int(c) for c in args.counts.split(",")):
         child = subprocess.run([sys.executable, __file__, "--data", args.data, "--cases", str(count),
                                 "--iterations", str(args.iterations), "--spacing", str(args.spacing)],
-                               capture_output=True, text=True, check=True)
+                               capture_output=True, text=True, check=True, env=env)
         rows.append(json.loads(child.stdout.strip().splitlines()[-1]))
         print(json.dumps(rows[-1]), file=sys.stderr)
     print(f"\nBraTS 2018 T1ce, 2D at {args.spacing:g} mm in-plane, one epoch of {args.iterations} iterations "
-          f"(global batch 8, 128x128), CPU, {rows[0]['threads']} threads")
+          f"(global batch 8, 128x128), CPU, {rows[0]['threads']} threads, OMP_WAIT_POLICY={env['OMP_WAIT_POLICY']}")
     print(f"{'cases':>5} {'load s':>7} {'images MB':>9} {'labels MB':>9} {'it/s':>6} {'epoch s':>8} "
           f"{'val s':>6} {'val/epoch':>9} {'whole-volume val s':>18} {'peak MB':>8}")
     for r in rows:
