@@ -121,12 +121,27 @@ def choose_adapt_method(checkpoint: Any, requested: Optional[str]) -> dict[str, 
 
 
 # ----------------------------------------------------------------------------- commands
+def _spacing(text: str, dims: str) -> tuple[float, ...]:
+    """``--spacing``: two in-plane values (any dims) or ``z,y,x`` (3D), positive millimetres."""
+    try:
+        values = tuple(float(v) for v in text.replace("x", ",").split(",") if v.strip())
+    except ValueError:
+        values = ()
+    if len(values) not in (2, 3) or not all(0 < v < float("inf") for v in values) or (len(values) == 3 and dims != "3d"):
+        raise InputError(f"--spacing takes the network spacing in mm: two in-plane values such as '2,2' "
+                         f"(2D, 2.5D and 3D; the slice spacing is kept) or 'z,y,x' such as '1,2,2' (3D only); "
+                         f"got '{text}' with --dims {dims}.")
+    return values
+
+
 def cmd_train_source(args: argparse.Namespace, progress: Optional[ProgressReporter],
-                     outputs: OutputTransaction) -> dict[str, Any]:
+                     outputs: OutputTransaction) -> Optional[dict[str, Any]]:
     from .config import DiffusionTrainingConfig, InputSpec, TrainingConfig, parse_labels
     from .data.io import read_image, read_label
+    from .diffusion.training import diffusion_defaults, parse_diffusion_widths, widths_to_base_and_multipliers
     from .nets.unet import ResidualUNet
-    from .training.segmentation import default_seg_config, train_source
+    from .training.segmentation import default_diffusion_config, default_seg_config, train_source
+    from .utils.distributed import environment_rank, process_group
 
     images, labels = list(args.image or []), list(args.label or [])
     if args.pairs:
@@ -139,9 +154,13 @@ def cmd_train_source(args: argparse.Namespace, progress: Optional[ProgressReport
     outputs.add_inputs([args.pairs, *images, *labels])
     out = Path(args.out)
     state_path = out.with_suffix(out.suffix + ".train-state")
-    outputs.add_working(state_path, "the training state")
-    staged, staged_report = _stage_file_with_report(outputs, args.out)
+    main_process = environment_rank() == 0  # under torchrun only rank 0 writes
+    if main_process:
+        outputs.add_working(state_path, "the training state")
+        staged, staged_report = _stage_file_with_report(outputs, args.out)
     classes = parse_labels(args.labels)
+    spacing = _spacing(args.spacing, args.dims) if args.spacing else None
+    widths = parse_diffusion_widths(args.diffusion_channels) if args.diffusion_channels else None
     allowed = {0} | {c.value for c in classes}
     volumes = [read_image(p) for p in images]
     label_maps = [read_label(p, allowed_values=allowed) for p in labels]
@@ -149,19 +168,36 @@ def cmd_train_source(args: argparse.Namespace, progress: Optional[ProgressReport
     default_patch = (64, 64, 64) if args.dims == "3d" else (128, 128)
     patch = _ints(args.patch_size, "patch-size") if args.patch_size else default_patch
     spec = InputSpec(dims=args.dims, modality=args.modality, image_channels=channels,
-                     context_slices=args.context, patch_size=patch)
+                     context_slices=args.context, patch_size=patch, target_spacing=spacing)
     config = TrainingConfig(epochs=args.epochs, iterations_per_epoch=args.iterations,
-                            batch_size=args.batch_size, lr=args.lr, seed=args.seed, device=args.device)
+                            batch_size=args.batch_size, lr=args.lr, seed=args.seed, device=args.device,
+                            validation_interval=args.validation_interval,
+                            validation_samples=args.validation_samples)
     seg_config = default_seg_config(spec, 1 + len(classes), _ints(args.channels, "channels"))
-    outputs.require_free_space(_parameter_bytes(lambda: ResidualUNet.from_config(seg_config)), "the checkpoint")
-    diffusion = None
-    if args.diffusion:
-        diffusion = DiffusionTrainingConfig(iterations=args.diffusion_iterations, seed=args.seed,
-                                            device=args.device, batch_size=args.batch_size)
-    outcome = train_source(volumes, label_maps, classes, spec, config, seg_config, diffusion,
-                           progress=progress, case_names=[Path(p).name for p in images],
-                           resume_path=state_path if args.resume else None)
+    if main_process:
+        outputs.require_free_space(_parameter_bytes(lambda: ResidualUNet.from_config(seg_config)), "the checkpoint")
+    with process_group(args.device) as distributed:
+        diffusion = diffusion_net = defaults = None
+        if args.diffusion:
+            defaults = diffusion_defaults(distributed.device(args.device))
+            iterations = defaults.iterations if args.diffusion_iterations is None else args.diffusion_iterations
+            diffusion = DiffusionTrainingConfig(iterations=iterations,
+                                                lr=defaults.lr, seed=args.seed, device=args.device,
+                                                batch_size=args.batch_size)
+            diffusion_net = default_diffusion_config(spec, 1 + len(classes),
+                                                     *widths_to_base_and_multipliers(widths or defaults.widths),
+                                                     defaults.num_res_blocks)
+        outcome = train_source(volumes, label_maps, classes, spec, config, seg_config, diffusion, diffusion_net,
+                               progress=progress if distributed.is_main else None,
+                               case_names=[Path(p).name for p in images], distributed=distributed,
+                               resume_path=state_path if args.resume else None)
+    if not distributed.is_main:
+        return None
     checkpoint = outcome.checkpoint
+    if defaults is not None:
+        overridden = [name for name, given in (("widths", widths), ("iterations", args.diffusion_iterations))
+                      if given is not None]
+        checkpoint.provenance["diffusion_training"]["defaults"] = {**defaults.to_dict(), "overridden": overridden}
     if args.prototypes:
         from .config import GMMConfig
         from .gmm import fit_prototypes
@@ -169,8 +205,12 @@ def cmd_train_source(args: argparse.Namespace, progress: Optional[ProgressReport
         checkpoint = fit_prototypes(checkpoint, volumes, label_maps, GMMConfig(rho=args.rho, seed=args.seed),
                                     device=args.device, progress=progress)
     checkpoint.save(staged)
+    for warning in outcome.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
     summary = {"checkpoint": str(out), "best_epoch": outcome.best_epoch,
-               "validation_mean_dice": outcome.best_val_dice, "history": outcome.history}
+               "validation_mean_dice": outcome.best_val_dice,
+               "validation": checkpoint.provenance["validation"], "warnings": outcome.warnings,
+               "timings": outcome.timings, "history": outcome.history}
     outputs.write_json(staged_report, _report(args, **summary, model_card=checkpoint.describe()))
     return summary
 
@@ -204,6 +244,10 @@ def cmd_adapt(args: argparse.Namespace, progress: Optional[ProgressReporter],
     from .data.io import read_image
     from .results.files import result_bytes, write_result_files
 
+    if args.cohort:
+        from .cohort import adapt_cohort
+
+        return adapt_cohort(args, cmd_adapt, progress, outputs)
     outputs.add_inputs([args.checkpoint, *args.image])
     folder = outputs.folder(args.out)
     adapted_path = outputs.file(args.save_adapted, "--save-adapted") if args.save_adapted else None
@@ -331,6 +375,7 @@ def cmd_diffuse_uda(args: argparse.Namespace, progress: Optional[ProgressReporte
     from .config import InputSpec, parse_labels
     from .data.io import read_image, read_label
     from .diffuse_uda import DiffuseUDAConfig, run_diffuse_uda
+    from .diffusion.training import parse_diffusion_widths, widths_to_base_and_multipliers
 
     if not args.source_image or len(args.source_image) != len(args.source_label or []):
         raise InputError(f"Got {len(args.source_image or [])} --source-image and {len(args.source_label or [])} "
@@ -340,6 +385,7 @@ def cmd_diffuse_uda(args: argparse.Namespace, progress: Optional[ProgressReporte
         outputs.add_working(args.workdir, "--workdir")
     staged, staged_report = _stage_file_with_report(outputs, args.out)
     classes = parse_labels(args.labels)
+    diffusion_base, diffusion_mults = widths_to_base_and_multipliers(parse_diffusion_widths(args.diffusion_channels))
     allowed = {0} | {c.value for c in classes}
     sources = [read_image(p) for p in args.source_image]
     labels = [read_label(p, allowed_values=allowed) for p in args.source_label]
@@ -347,16 +393,11 @@ def cmd_diffuse_uda(args: argparse.Namespace, progress: Optional[ProgressReporte
     default_patch = (64, 64, 64) if args.dims == "3d" else (128, 128)
     spec = InputSpec(dims=args.dims, modality=args.modality, image_channels=_image_channels(sources),
                      patch_size=_ints(args.patch_size, "patch-size") if args.patch_size else default_patch)
-    diffusion_widths = _ints(args.diffusion_channels, "diffusion-channels")
-    if not diffusion_widths or any(w < 1 or w % diffusion_widths[0] for w in diffusion_widths):
-        raise InputError(f"--diffusion-channels takes positive widths per level that are multiples of the "
-                         f"first, e.g. '32,64,64,128'; got '{args.diffusion_channels}'.")
     config = DiffuseUDAConfig(fourier=not args.no_fourier, deform=not args.no_deform,
                               synthetic_scale=args.synthetic_scale, ascplus_iterations=args.iterations,
                               diffusion_iterations=args.diffusion_iterations, retrain_iterations=args.iterations,
                               batch_size=args.batch_size, seg_channels=_ints(args.channels, "channels"),
-                              diffusion_base_channels=diffusion_widths[0],
-                              diffusion_channel_mults=tuple(w // diffusion_widths[0] for w in diffusion_widths),
+                              diffusion_base_channels=diffusion_base, diffusion_channel_mults=diffusion_mults,
                               steps=args.steps, seed=args.seed, device=args.device)
     outcome = run_diffuse_uda(sources, labels, targets, classes, spec, config,
                               Path(args.workdir) if args.workdir else None, progress,
@@ -455,8 +496,9 @@ def cmd_info(args: argparse.Namespace, progress: Optional[ProgressReporter],
     print(f"  methods: {', '.join(card['methods'])}")
     prov = card["provenance"]
     if prov:
+        on = f" on the {prov['validation']}" if prov.get("validation") else ""
         print(f"  trained on: {prov.get('data', '?')}; validation mean Dice "
-              f"{prov.get('validation_mean_dice', float('nan')):.3f}")
+              f"{prov.get('validation_mean_dice', float('nan')):.3f}{on}")
     return None
 
 
@@ -561,12 +603,24 @@ def build_parser() -> argparse.ArgumentParser:
                    help="output checkpoint, e.g. model.sfuda (its report: model.sfuda.report.json)")
     p.add_argument("--epochs", type=int, default=20, help="training epochs")
     p.add_argument("--iterations", type=int, default=50, help="iterations per epoch")
-    p.add_argument("--batch-size", type=int, default=8, help="patches per iteration")
+    p.add_argument("--batch-size", type=int, default=8,
+                   help="patches per iteration: the global batch (under torchrun split evenly over the processes)")
     p.add_argument("--lr", type=float, default=2e-3, help="learning rate")
     p.add_argument("--patch-size", help="e.g. 128,128 (2D) or 64,64,64 (3D); default 128,128 or 64,64,64")
+    p.add_argument("--spacing", help="network spacing in mm: '2,2' in-plane (any --dims; the slice spacing is kept) "
+                                     "or 'z,y,x' such as '1,2,2' (3D); default: each image's own")
     p.add_argument("--channels", default="16,32,64,128", help="U-Net width per level")
+    p.add_argument("--validation-interval", type=int, default=1, help="validate every N epochs (and after the last)")
+    p.add_argument("--validation-samples", type=int, default=32,
+                   help="slices (2D, 2.5D) or windows (3D) of the held-out cases in the fixed validation sample; "
+                        "0: whole cases")
     p.add_argument("--diffusion", action="store_true", help="also train the conditional diffusion model (HEAL)")
-    p.add_argument("--diffusion-iterations", type=int, default=2000, help="diffusion training iterations")
+    p.add_argument("--diffusion-iterations", type=int,
+                   help="diffusion training iterations; default: 600 on CPU, 100000 on GPU (Med-DDPM's)")
+    p.add_argument("--diffusion-channels",
+                   help="diffusion U-Net width per level (multiples of the first), as for diffuse-uda; "
+                        "default: 16,32,32 with one residual block a level on CPU, 64,64,128,192,256 with two "
+                        "on GPU (Med-DDPM's)")
     p.add_argument("--prototypes", action="store_true", help="also fit the GMM class prototypes (GMM adaptation)")
     p.add_argument("--rho", type=float, default=0.97, help="with --prototypes: confidence threshold of the voxels they are fitted on")
     p.add_argument("--resume", action="store_true", help="resume an interrupted run (state file beside --out)")
@@ -624,6 +678,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep the source model's segmentation (and warn) when the adapted foreground agrees "
                         "with it below this Dice; 0 turns the guard off")
     g.add_argument("--save-adapted", help="also write the adapted model as a new checkpoint")
+    p.add_argument("--cohort", action="store_true",
+                   help="adapt every --image on its own into OUT/case_NNN_<name> and write OUT/cohort.json; "
+                        "under torchrun the images are split over the processes")
     device_arg(p)
 
     p = command("fit-prototypes", "add GMM class prototypes to a checkpoint (labelled source cases)",
@@ -770,6 +827,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     Exit codes: 0 success; 2 an error the user can fix (one line on stderr, and a JSON error
     line with ``--progress json``); 130 Ctrl-C or a cancel; 143 SIGTERM. Only success writes.
     """
+    from .utils.threads import prefer_sleeping_threads
+
+    prefer_sleeping_threads()  # before anything imports PyTorch
     args = build_parser().parse_args(argv)
     progress, close = make_reporter(args.progress)
     outputs = OutputTransaction(overwrite=getattr(args, "overwrite", False))

@@ -167,11 +167,17 @@ class TrainingConfig:
     """Source segmentation training.
 
     Attributes:
-        epochs / iterations_per_epoch / batch_size: the budget.
+        epochs / iterations_per_epoch / batch_size: the budget; batch_size is the global batch
+            (under ``torchrun`` it is split evenly over the processes).
         lr, weight_decay, optimizer (``adamw`` | ``adam``), schedule (``poly`` | ``cosine``).
         foreground_oversample: share of patches centred on a foreground voxel.
-        val_fraction: share of cases (or slices for a single case) kept for validation.
-        augment: flips, intensity scale/shift and small affine (rotation, scale).
+        val_fraction: share of the cases held out for validation (none with a single case: then
+            the validation runs on the training case and the outcome says so).
+        validation_interval: validate every this many epochs (and always after the last one).
+        validation_samples: slices (2D, 2.5D) or windows (3D) of the validation cases in the
+            fixed validation sample drawn once per run; 0 validates on whole cases.
+        augment: flips, intensity scale/shift and small affine (rotation, scale), drawn per
+            sample.
         amp: mixed precision on GPU.
         device: ``auto`` | ``cpu`` | ``cuda``.
     """
@@ -185,6 +191,8 @@ class TrainingConfig:
     schedule: str = "poly"
     foreground_oversample: float = 0.5
     val_fraction: float = 0.2
+    validation_interval: int = 1
+    validation_samples: int = 32
     augment: bool = True
     amp: bool = True
     seed: int = 0

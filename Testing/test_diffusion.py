@@ -345,7 +345,10 @@ def test_train_diffusion_reduces_the_loss_and_returns_loadable_ema():
     result = train_diffusion(samples, net_config, ScheduleConfig(timesteps=50),
                              DiffusionTrainingConfig(iterations=150, batch_size=4, lr=3e-3, device="cpu"),
                              patch_size=None, progress=ProgressReporter(events.append))
-    assert len(result.losses) == 150 and len(events) == 150 and events[-1].fraction == 1.0
+    assert len(result.losses) == 150 and events[-1].fraction == 1.0
+    assert [e.done for e in events] == list(range(151)) and {e.total for e in events} == {150}
+    assert {e.unit for e in events} == {"iterations"} and events[-1].rate > 0
+    assert result.seconds > 0 and result.iterations_per_second == pytest.approx(150 / result.seconds)
     assert np.mean(result.losses[-20:]) < 0.8 * np.mean(result.losses[:20])
     net = ConditionalDiffusionUNet.from_config(result.net_config)
     net.load_state_dict(result.ema_state_dict, strict=True)
@@ -381,3 +384,18 @@ def test_patches_keep_image_and_labels_aligned():
     expected = np.where(masks, 0.8 * labels - 0.4, PAD_INTENSITY)
     assert np.allclose(images[:, 0], expected)
     assert np.all(~masks[:, :2]) and np.all(~masks[:, -2:])  # two padded rows on each side
+
+
+def test_slices_of_volumes_are_drawn_where_the_body_is():
+    body = np.zeros((8, 6, 6), bool)
+    body[2, 1:4, 1:4] = body[5, 2:5, 2:5] = True
+    image = np.where(body, 0.5, -1.0).astype(np.float32)[None]
+    empty = np.zeros((4, 6, 6), bool)  # a volume without body: any slice
+    samples = [(image, body.astype(np.int64), body), (np.full((1, 4, 6, 6), -1.0, np.float32), empty.astype(np.int64), empty)]
+    config = DiffusionNetConfig(spatial_dims=2, cond_channels=3, **TINY)
+    sampler = _PatchSampler(samples, config, (6, 6), np.random.default_rng(0))
+    drawn = [sampler._choose() for _ in range(200)]
+    assert {z for index, z, _, _ in drawn if index == 0} == {2, 5}
+    assert {z for index, z, _, _ in drawn if index == 1} == {0, 1, 2, 3}
+    images, _, masks = sampler.draw(40)
+    assert all(m.any() or np.all(i == -1.0) for i, m in zip(images, masks))

@@ -34,6 +34,22 @@ def test_events_carry_counts_and_seconds_since_their_stage_started() -> None:
     assert (events[1].done, events[1].total, events[1].unit) == (100, 400, "iterations")
 
 
+def test_a_stage_that_runs_again_restarts_its_clock_at_done_zero() -> None:
+    """The validation after every epoch: its rate must not count the training in between."""
+    events: list[ProgressEvent] = []
+    clock = FakeClock()
+    reporter = ProgressReporter(events.append, clock=clock)
+    report(reporter, "validation", 0.0, done=0, total=4, unit="slices")
+    clock.now = 102.0
+    report(reporter, "validation", 1.0, done=4, total=4, unit="slices")
+    clock.now = 160.0  # an epoch of training later
+    report(reporter, "validation", 0.0, done=0, total=4, unit="slices")
+    clock.now = 164.0
+    report(reporter, "validation", 1.0, done=4, total=4, unit="slices")
+    assert [e.elapsed for e in events] == [0.0, 2.0, 0.0, 4.0]
+    assert events[-1].rate == pytest.approx(1.0)
+
+
 def test_fraction_is_clamped_and_counts_are_optional() -> None:
     events: list[ProgressEvent] = []
     ProgressReporter(events.append).report("diffusion", 1.7, "over")

@@ -53,7 +53,8 @@ from ..diffusion.training import image_to_unit_range, train_diffusion
 from ..errors import InputError
 from ..inference.preparation import PreparedInput, labels_on_network_grid, pad_training_case, prepare_input
 from ..training.patch_sampler import TrainingCase
-from ..training.segmentation import default_diffusion_config, default_seg_config, train_segmentation
+from ..training.segmentation import (VALIDATION_HELD_OUT, VALIDATION_ON_TRAINING, default_diffusion_config,
+                                     default_seg_config, train_segmentation)
 from ..utils.device import StageTimer, resolve_device
 from ..utils.progress import ProgressReporter, report
 from .ascplus import ASCPlusConfig, train_ascplus
@@ -529,9 +530,8 @@ def run_diffuse_uda(source_images: Sequence[Volume], source_labels: Sequence[Vol
                                          config.restyled_copies, np.random.default_rng([config.seed, 5]))
             # only real labelled scans validate: the synthetic labels are what is being tested
             real = [True] * len(source) + [False] * (len(cases) - len(source))
-            state, history, best_epoch, best_score, val_names = train_segmentation(
-                cases, spec, seg_config, train_config, progress,
-                store.path(f"retrain-{re_key}.state"), validation_eligible=real)
+            run = train_segmentation(cases, spec, seg_config, train_config, progress,
+                                     store.path(f"retrain-{re_key}.state"), validation_eligible=real)
             provenance = {
                 "method": "diffuse-uda",
                 "data": f"{len(source)} labelled source case(s), {len(target)} unlabelled target case(s)",
@@ -541,12 +541,14 @@ def run_diffuse_uda(source_images: Sequence[Volume], source_labels: Sequence[Vol
                 "restyled_cases": len(cases) - len(source) - len(synthetic),
                 "ascplus": {"snapshot_iterations": list(asc["snapshot_iterations"]),
                             "final_loss": float(np.mean(asc["losses"][-20:]))},
-                "validation_cases": val_names, "best_epoch": best_epoch, "validation_mean_dice": best_score,
-                "history": history,
+                "validation_cases": run.validation_cases,
+                "validation": VALIDATION_HELD_OUT if run.validation_held_out else VALIDATION_ON_TRAINING,
+                "best_epoch": run.best_epoch, "validation_mean_dice": run.best_val_dice,
+                "history": run.history, "timings": run.timings(),
                 "versions": {"torch": torch.__version__, "numpy": np.__version__,
                              "python": platform.python_version()},
             }
-            checkpoint = SourceCheckpoint(classes, spec, seg_config, state, part, None, provenance)
+            checkpoint = SourceCheckpoint(classes, spec, seg_config, run.state, part, None, provenance)
             if final_path is not None:
                 checkpoint.save(final_path)
     report(progress, "diffuse-uda", 1.0, "Diffuse-UDA finished", done=len(STAGES), total=len(STAGES),

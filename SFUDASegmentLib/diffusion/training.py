@@ -3,24 +3,29 @@
 The model (Med-DDPM style) learns to turn noise into an image whose anatomy follows a given
 label map. Its condition is built by :func:`make_condition`; images are brought from the
 library's z-scored intensities into the diffusion's ``[-1, 1]`` range by
-:func:`image_to_unit_range`.
+:func:`image_to_unit_range`. :func:`diffusion_defaults` sizes the network and the run for the
+device (small on CPU, the paper's on GPU); :func:`parse_diffusion_widths` reads the
+``--diffusion-channels`` option.
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Optional, Sequence, Union
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from ..config import DiffusionNetConfig, DiffusionTrainingConfig, ScheduleConfig
 from ..errors import InputError
 from ..nets.diffusion_unet import ConditionalDiffusionUNet
 from ..training.ema import ExponentialMovingAverage
-from ..utils.device import autocast, resolve_device
+from ..utils.distributed import SINGLE_PROCESS, DistributedContext
+from ..utils.device import autocast
 from ..utils.progress import ProgressReporter, report
-from .sampling import NoiseSchedule, diffusion_loss
+from .sampling import LOSSES, NoiseSchedule
 
 ArrayLike = Union[np.ndarray, torch.Tensor]
 Sample = tuple[np.ndarray, np.ndarray, np.ndarray]
@@ -94,6 +99,70 @@ def unit_range_to_image(u: ArrayLike, scale: float = 3.0) -> ArrayLike:
     return np.asarray(u, dtype=np.float32) * np.float32(scale)
 
 
+@dataclass(frozen=True)
+class DiffusionDefaults:
+    """Diffusion network and run sized for a device.
+
+    Attributes:
+        device: ``"cpu"`` or ``"gpu"``, the kind of device these defaults are for.
+        widths: channels per level of the U-Net (the first is the base width).
+        num_res_blocks: residual blocks a level.
+        iterations: training iterations.
+        lr: Adam learning rate.
+    """
+
+    device: str
+    widths: tuple[int, ...]
+    num_res_blocks: int
+    iterations: int
+    lr: float
+
+    def to_dict(self) -> dict:
+        """JSON-friendly form (for the model card)."""
+        return {"device": self.device, "widths": list(self.widths), "num_res_blocks": self.num_res_blocks,
+                "iterations": self.iterations, "lr": self.lr}
+
+
+CPU_DIFFUSION_DEFAULTS = DiffusionDefaults("cpu", (16, 32, 32), 1, 600, 1e-3)
+"""A small network (three levels, base 16, one residual block a level: the demo's) and a short
+run at a higher learning rate, sized for a half-hour budget on two CPU cores: with train-source's
+other defaults the brats2018 recipe (ten cases, 2D at 2 mm in-plane) took 33 minutes while other
+jobs loaded the machine (the README has the command and the figures)."""
+
+GPU_DIFFUSION_DEFAULTS = DiffusionDefaults("gpu", (64, 64, 128, 192, 256), 2, 100_000, 1e-5)
+"""Med-DDPM's network (base 64, multipliers 1, 1, 2, 3, 4, two residual blocks a level) and run
+(100k iterations, Adam 1e-5)."""
+
+
+def diffusion_defaults(device: torch.device) -> DiffusionDefaults:
+    """The diffusion defaults for a compute device: small on CPU, the paper's on GPU."""
+    return GPU_DIFFUSION_DEFAULTS if torch.device(device).type == "cuda" else CPU_DIFFUSION_DEFAULTS
+
+
+def parse_diffusion_widths(text: str, option: str = "--diffusion-channels") -> tuple[int, ...]:
+    """Channels per level of the diffusion U-Net from ``"16,32,32"`` (or ``"16x32x32"``).
+
+    Every width must be a positive multiple of the first (the network is built from a base
+    width and per-level multipliers: see :func:`widths_to_base_and_multipliers`).
+
+    Raises:
+        InputError: anything else, naming ``option``.
+    """
+    try:
+        widths = tuple(int(v) for v in text.replace("x", ",").split(",") if v.strip())
+    except ValueError:
+        widths = ()
+    if not widths or any(w < 1 or w % widths[0] for w in widths):
+        raise InputError(f"{option} takes positive widths per level that are multiples of the first, "
+                         f"e.g. '16,32,32' or '32,64,64,128'; got '{text}'.")
+    return widths
+
+
+def widths_to_base_and_multipliers(widths: Sequence[int]) -> tuple[int, tuple[int, ...]]:
+    """``(16, 32, 32)`` -> base 16 and multipliers ``(1, 2, 2)``."""
+    return int(widths[0]), tuple(int(w) // int(widths[0]) for w in widths)
+
+
 @dataclass
 class DiffusionTrainingResult:
     """What :func:`train_diffusion` returns (everything a checkpoint needs for the diffusion).
@@ -103,17 +172,28 @@ class DiffusionTrainingResult:
         schedule_config: the noise schedule.
         ema_state_dict: EMA weights (CPU tensors); load with
             ``ConditionalDiffusionUNet.from_config(net_config).load_state_dict(...)``.
-        losses: training loss of every iteration.
+        losses: training loss of every iteration (of the global batch).
+        seconds: wall time of the iterations.
     """
 
     net_config: DiffusionNetConfig
     schedule_config: ScheduleConfig
     ema_state_dict: dict[str, torch.Tensor]
     losses: list[float]
+    seconds: float = 0.0
+
+    @property
+    def iterations_per_second(self) -> Optional[float]:
+        """Training rate (None when no time was measured)."""
+        return len(self.losses) / self.seconds if self.seconds > 0 else None
 
 
 class _PatchSampler:
-    """Draws random, randomly flipped patches (or slices of 3D volumes) from the samples."""
+    """Draws random, randomly flipped patches (or slices of 3D volumes) from the samples.
+
+    Slices of 3D volumes are drawn among those that hold body (all slices of a volume without
+    any): HEAL renders only such slices, so empty ones would only cost time.
+    """
 
     def __init__(self, samples: Sequence[Sample], net_config: DiffusionNetConfig,
                  patch_size: Optional[tuple[int, ...]], rng: np.random.Generator) -> None:
@@ -121,42 +201,63 @@ class _PatchSampler:
         self.rng = rng
         dims = net_config.spatial_dims
         self.slice_mode = samples[0][1].ndim == 3 and dims == 2
+        self.body_slices = []
+        if self.slice_mode:
+            for _, labels, body in samples:
+                held = np.flatnonzero(body.reshape(body.shape[0], -1).any(axis=1))
+                self.body_slices.append(held if held.size else np.arange(labels.shape[0]))
         shapes = [lab.shape[1:] if self.slice_mode else lab.shape for _, lab, _ in samples]
         if patch_size is None:
             self.patch = tuple(int(max(s[a] for s in shapes)) for a in range(dims))
         else:
             self.patch = tuple(int(p) for p in patch_size)
 
-    def draw(self, batch_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """``batch_size`` patches: images ``(B, C, *P)`` float32, labels ``(B, *P)`` int64,
-        foreground ``(B, *P)`` bool."""
+    def _choose(self) -> tuple[int, int, list[int], list[bool]]:
+        """Draw one element's sample, slice (-1 without), crop corner and flips."""
+        index = int(self.rng.integers(len(self.samples)))
+        shape = self.samples[index][1].shape
+        z = -1
+        if self.slice_mode:
+            slices = self.body_slices[index]
+            z = int(slices[self.rng.integers(len(slices))])
+            shape = shape[1:]
+        starts = [int(self.rng.integers(max(p, s) - p + 1)) for p, s in zip(self.patch, shape)]
+        flips = [bool(self.rng.random() < 0.5) for _ in shape]
+        return index, z, starts, flips
+
+    def draw(self, batch_size: int, part: slice = slice(None)) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Patches of a batch: images ``(B', C, *P)`` float32, labels ``(B', *P)`` int64,
+        foreground ``(B', *P)`` bool.
+
+        Args:
+            batch_size: B, the elements drawn (the random stream advances by B draws).
+            part: the elements cut out and returned (default: all): see
+                :meth:`SFUDASegmentLib.training.patch_sampler.PatchSampler.sample`.
+        """
         images, labels, masks = [], [], []
-        for _ in range(batch_size):
-            image, label, mask = self.samples[int(self.rng.integers(len(self.samples)))]
-            if self.slice_mode:
-                z = int(self.rng.integers(label.shape[0]))
+        for index, z, starts, flips in [self._choose() for _ in range(batch_size)][part]:
+            image, label, mask = self.samples[index]
+            if z >= 0:
                 image, label, mask = image[:, z], label[z], mask[z]
-            image, label, mask = self._crop(image, label, mask)
-            for axis in range(label.ndim):
-                if self.rng.random() < 0.5:
-                    image, label, mask = (np.flip(image, axis + 1), np.flip(label, axis),
-                                          np.flip(mask, axis))
+            image, label, mask = self._crop(image, label, mask, starts)
+            for axis, flip in enumerate(flips):
+                if flip:
+                    image, label, mask = (np.flip(image, axis + 1), np.flip(label, axis), np.flip(mask, axis))
             images.append(image)
             labels.append(label)
             masks.append(mask)
         return (np.stack(images).astype(np.float32), np.stack(labels).astype(np.int64),
                 np.stack(masks).astype(bool))
 
-    def _crop(self, image: np.ndarray, label: np.ndarray,
-              mask: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Pad (centred) to at least the patch size, then cut a random patch."""
+    def _crop(self, image: np.ndarray, label: np.ndarray, mask: np.ndarray,
+              starts: Sequence[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Pad (centred) to at least the patch size, then cut the patch at ``starts``."""
         pads = [(max(p - s, 0) // 2, max(p - s, 0) - max(p - s, 0) // 2)
                 for p, s in zip(self.patch, label.shape)]
         if any(sum(pad) for pad in pads):
             image = np.pad(image, [(0, 0)] + pads, constant_values=PAD_INTENSITY)
             label = np.pad(label, pads, constant_values=0)
             mask = np.pad(mask, pads, constant_values=False)
-        starts = [int(self.rng.integers(s - p + 1)) for p, s in zip(self.patch, label.shape)]
         region = tuple(slice(a, a + p) for a, p in zip(starts, self.patch))
         return image[(slice(None),) + region], label[region], mask[region]
 
@@ -206,27 +307,58 @@ def _validate_samples(samples: Sequence[Sample], net_config: DiffusionNetConfig,
                          "spatial axis of the network), or be None for whole images.")
 
 
+def _noise_prediction_loss(model: torch.nn.Module, x0: torch.Tensor, cond: torch.Tensor,
+                           schedule: NoiseSchedule, generator: torch.Generator, global_batch: int,
+                           part: slice, loss: str) -> torch.Tensor:
+    """:func:`~SFUDASegmentLib.diffusion.sampling.diffusion_loss` on a share of a global batch.
+
+    The timesteps and the noise of the whole global batch are drawn (in that loss's order:
+    ``t``, then the noise) and this process keeps its ``part``, so the processes of a
+    data-parallel run together draw what one process would; with the whole batch this is
+    ``diffusion_loss`` draw for draw.
+
+    Args:
+        x0: ``(B', C, *S)`` clean images of this share; cond: ``(B', Cc, *S)``.
+        global_batch: B, the batch of all processes.
+        part: this share's elements of it.
+    """
+    draw_device = generator.device
+    t = torch.randint(0, schedule.timesteps, (global_batch,), generator=generator, device=draw_device)
+    noise = torch.randn((global_batch, *x0.shape[1:]), generator=generator, device=draw_device,
+                        dtype=torch.float32)
+    t, noise = t[part].to(x0.device), noise[part].to(device=x0.device, dtype=x0.dtype)
+    predicted = model(schedule.q_sample(x0, t, noise), t, cond).float()
+    if loss == "l1":
+        return F.l1_loss(predicted, noise.float())
+    return F.mse_loss(predicted, noise.float())
+
+
 def train_diffusion(samples: Sequence[Sample], net_config: DiffusionNetConfig, schedule: ScheduleConfig,
                     config: DiffusionTrainingConfig, patch_size: Optional[tuple[int, ...]] = None,
-                    progress: Optional[ProgressReporter] = None) -> DiffusionTrainingResult:
+                    progress: Optional[ProgressReporter] = None,
+                    distributed: DistributedContext = SINGLE_PROCESS) -> DiffusionTrainingResult:
     """Train the conditional diffusion model; return its EMA weights and the loss curve.
 
     Each iteration draws ``config.batch_size`` random patches (whole images when
     ``patch_size`` is None, padded to the largest one; images smaller than the patch are padded
     with -1, background and no body), flips each spatial axis with probability 1/2, builds
-    the condition with :func:`make_condition` and takes one Adam step on
-    :func:`~SFUDASegmentLib.diffusion.sampling.diffusion_loss`; the EMA (with warm-up) follows.
-    With a 2D network and 3D samples ``(C, z, y, x)``, random axial slices ``z`` are drawn.
+    the condition with :func:`make_condition` and takes one Adam step on the noise-prediction
+    loss (:func:`~SFUDASegmentLib.diffusion.sampling.diffusion_loss`); the EMA (with warm-up)
+    follows. With a 2D network and 3D samples ``(C, z, y, x)``, random axial slices ``z`` are
+    drawn.
 
     Args:
         samples: ``(image (C, *S) float32 in [-1, 1], labels (*S) int class indices,
             foreground (*S) bool)``; not modified.
         net_config: the network to build; ``cond_channels - 1`` is the number of classes.
         schedule: the noise schedule.
-        config: iterations, batch size, learning rate, EMA decay, loss, AMP, seed, device.
+        config: iterations, (global) batch size, learning rate, EMA decay, loss, AMP, seed, device.
         patch_size: training patch per spatial axis of the network, or None.
-        progress: receives ``("diffusion-training", fraction, message)`` every iteration and
-            may cancel.
+        progress: receives ``("diffusion-training", fraction, message, done, total,
+            "iterations")`` every iteration and may cancel.
+        distributed: this process's place in a torchrun group: DistributedDataParallel, each
+            process on its share of every global batch (same result as one process up to float
+            rounding).
 
     Returns:
         :class:`DiffusionTrainingResult`.
@@ -237,7 +369,10 @@ def train_diffusion(samples: Sequence[Sample], net_config: DiffusionNetConfig, s
         raise InputError(f"Diffusion training needs iterations >= 1, batch_size >= 1 and lr > 0 (got "
                          f"{config.iterations}, {config.batch_size}, {config.lr}). Fix "
                          "DiffusionTrainingConfig.")
-    device = resolve_device(config.device)
+    if config.loss not in LOSSES:
+        raise InputError(f"Unknown diffusion loss '{config.loss}'. Use one of {LOSSES} ('l1' is Med-DDPM's).")
+    device = distributed.device(config.device)
+    part = distributed.batch_part(config.batch_size)
     noise_schedule = NoiseSchedule.from_config(schedule)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
@@ -245,6 +380,7 @@ def train_diffusion(samples: Sequence[Sample], net_config: DiffusionNetConfig, s
     model.to(device).train()
     ema = ExponentialMovingAverage(model, decay=config.ema_decay, warmup=True)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
+    network = distributed.wrap(model, device)
     use_amp = config.amp and device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp and not torch.cuda.is_bf16_supported())
     generator = torch.Generator(device=device)
@@ -253,20 +389,26 @@ def train_diffusion(samples: Sequence[Sample], net_config: DiffusionNetConfig, s
     num_classes = net_config.cond_channels - 1
 
     losses: list[float] = []
+    counts = {"total": config.iterations, "unit": "iterations"}
+    report(progress, "diffusion-training", 0.0, f"iteration 0/{config.iterations}", done=0, **counts)
+    started = time.perf_counter()
     for iteration in range(config.iterations):
-        images, labels, masks = patches.draw(config.batch_size)
+        images, labels, masks = patches.draw(config.batch_size, part)
         x0 = torch.from_numpy(images).to(device)
         cond = make_condition(torch.from_numpy(labels).to(device), torch.from_numpy(masks).to(device),
                               num_classes)
         optimizer.zero_grad(set_to_none=True)
         with autocast(device, enabled=use_amp):
-            loss = diffusion_loss(model, x0, cond, noise_schedule, generator=generator, loss=config.loss)
+            loss = _noise_prediction_loss(network, x0, cond, noise_schedule, generator, config.batch_size,
+                                          part, config.loss)
         scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()
         ema.update(model)
-        losses.append(float(loss.detach()))
+        losses.append(distributed.mean(float(loss.detach())))
         report(progress, "diffusion-training", (iteration + 1) / config.iterations,
-               f"iteration {iteration + 1}/{config.iterations}, loss {losses[-1]:.4f}")
+               f"iteration {iteration + 1}/{config.iterations}, loss {losses[-1]:.4f}", done=iteration + 1,
+               **counts)
     return DiffusionTrainingResult(net_config=net_config, schedule_config=schedule,
-                                   ema_state_dict=ema.averaged_state_dict(), losses=losses)
+                                   ema_state_dict=ema.averaged_state_dict(), losses=losses,
+                                   seconds=time.perf_counter() - started)

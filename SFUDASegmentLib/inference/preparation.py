@@ -20,7 +20,7 @@ from ..data.io import check_same_geometry, validate_image, with_model_channels
 from ..data.labels import values_to_indices
 from ..data.preprocess import foreground_mask, normalize_intensity, resample_probabilities, resample_to_shape
 from ..errors import InputError
-from ..training.patch_sampler import TrainingCase
+from ..training.patch_sampler import TrainingCase, compact_label_dtype
 from ..utils.progress import ProgressReporter
 from .sliding_window import sliding_window_3d, slicewise_2d
 
@@ -136,10 +136,15 @@ def labels_on_network_grid(labels: Volume, classes: list[LabelClass], prepared: 
                            name: str) -> np.ndarray:
     """Label values -> class indices ``(Z, Y, X)`` on ``prepared``'s network grid (nearest).
 
+    Returns:
+        Class indices in the compact type of :func:`compact_label_dtype` (``uint8`` for up to
+        256 classes).
+
     Raises:
         InputError: label values that are not 0 or a class value.
     """
     indices = values_to_indices(np.asarray(labels.array), classes, f"label map of {name}")
+    indices = indices.astype(compact_label_dtype(1 + len(classes)))
     indices = indices[None] if indices.ndim == 2 else indices
     if indices.shape != prepared.image.shape[1:]:
         indices = resample_to_shape(indices, prepared.image.shape[1:], order=0)
@@ -151,11 +156,14 @@ def pad_training_case(image: np.ndarray, labels: np.ndarray, foreground: np.ndar
     """A training case padded at the far end to at least the patch size (the origin stays put).
 
     Args:
-        image: ``(C, Z, Y, X)``; labels, foreground: ``(Z, Y, X)``.
+        image: ``(C, Z, Y, X)``; labels, foreground: ``(Z, Y, X)``; labels keep their integer
+            type (no copy when nothing needs padding).
     """
     patch = list(spec.patch_size) if spec.dims == "3d" else [1, *spec.patch_size[-2:]]
     pads = [(0, max(0, p - s)) for p, s in zip(patch, labels.shape)]
-    return TrainingCase(np.pad(image, [(0, 0)] + pads, mode="edge"), np.pad(labels, pads).astype(np.int64),
+    if not any(after for _, after in pads):
+        return TrainingCase(image, labels, foreground, name)
+    return TrainingCase(np.pad(image, [(0, 0)] + pads, mode="edge"), np.pad(labels, pads),
                         np.pad(foreground, pads), name)
 
 

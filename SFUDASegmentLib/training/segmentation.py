@@ -2,14 +2,17 @@
 model, written into one :class:`SourceCheckpoint`.
 
 Patch sampling with class-balanced foreground oversampling, flips, intensity and small affine
-augmentation, AdamW/Adam with a poly or cosine schedule, validation on held-out cases with
-best-checkpoint keeping, seeds, AMP on GPU, progress reporting and resumable epochs.
+augmentation, AdamW/Adam with a poly or cosine schedule, validation of held-out cases on a fixed
+sample of slices or windows with best-checkpoint keeping, seeds, AMP on GPU, progress with
+counts and rates, resumable epochs, and data parallelism over torchrun's processes.
 """
 
 from __future__ import annotations
 
 import math
+import os
 import platform
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -18,17 +21,19 @@ import numpy as np
 import torch
 
 from ..checkpoint import DiffusionPart, SourceCheckpoint
-from ..config import (DiffusionNetConfig, DiffusionTrainingConfig, InferenceConfig, InputSpec,
-                     LabelClass, ScheduleConfig, SegNetConfig, TrainingConfig, to_dict)
+from ..config import (DiffusionNetConfig, DiffusionTrainingConfig, InputSpec, LabelClass, ScheduleConfig,
+                      SegNetConfig, TrainingConfig, to_dict)
 from ..data.geometry import Volume
 from ..errors import CheckpointError, InputError
-from ..inference.preparation import prepare_training_case, predict_indices
+from ..inference.preparation import prepare_training_case
 from ..nets.unet import ResidualUNet
-from ..utils.device import autocast, resolve_device
+from ..utils.device import autocast
+from ..utils.distributed import SINGLE_PROCESS, DistributedContext
 from ..utils.progress import ProgressReporter, report
 from .augmentation import random_affine, random_flips, random_intensity
 from .losses import dice_ce_loss
 from .patch_sampler import PatchSampler, TrainingCase
+from .validation import ValidationSample, validation_dice
 
 
 @dataclass
@@ -39,8 +44,13 @@ class TrainingOutcome:
         checkpoint: the source checkpoint (best validation weights).
         history: one dict per epoch: ``epoch``, ``loss``, ``val_dice`` (per class and mean).
         best_epoch: epoch of the kept weights.
-        best_val_dice: their mean foreground Dice on the validation cases.
+        best_val_dice: their mean foreground Dice on the validation sample.
         validation_cases: names of the cases used for validation.
+        validation_held_out: False when those cases were trained on too (a single case):
+            ``best_val_dice`` then says nothing about unseen scans.
+        warnings: sentences for the user (e.g. the validation on a training case).
+        timings: ``{"segmentation": {...}, "diffusion": {...}}`` seconds and rates (see
+            :meth:`SegmentationTraining.timings`).
     """
 
     checkpoint: SourceCheckpoint
@@ -48,6 +58,9 @@ class TrainingOutcome:
     best_epoch: int = 0
     best_val_dice: float = 0.0
     validation_cases: list[str] = field(default_factory=list)
+    validation_held_out: bool = True
+    warnings: list[str] = field(default_factory=list)
+    timings: dict[str, Any] = field(default_factory=dict)
 
 
 def default_seg_config(spec: InputSpec, num_classes: int, channels: Sequence[int] = (16, 32, 64, 128)
@@ -58,11 +71,12 @@ def default_seg_config(spec: InputSpec, num_classes: int, channels: Sequence[int
 
 
 def default_diffusion_config(spec: InputSpec, num_classes: int, base_channels: int = 32,
-                             channel_mults: Sequence[int] = (1, 2, 2, 4)) -> DiffusionNetConfig:
+                             channel_mults: Sequence[int] = (1, 2, 2, 4), num_res_blocks: int = 2
+                             ) -> DiffusionNetConfig:
     """A diffusion U-Net config sized for the spec (2D nets for 2D/2.5D checkpoints)."""
     return DiffusionNetConfig(spatial_dims=spec.spatial_dims, image_channels=spec.image_channels,
                               cond_channels=num_classes + 1, base_channels=base_channels,
-                              channel_mults=tuple(channel_mults), num_res_blocks=2,
+                              channel_mults=tuple(channel_mults), num_res_blocks=num_res_blocks,
                               groups=min(32, base_channels // 2 or 1))
 
 
@@ -95,24 +109,6 @@ def _split_cases(cases: list[TrainingCase], val_fraction: float, rng: np.random.
     return train, val
 
 
-def _validation_dice(model: ResidualUNet, cases: Sequence[TrainingCase], spec: InputSpec,
-                     num_classes: int, device: torch.device) -> list[float]:
-    """Mean Dice per foreground class over ``cases`` (whole-case inference)."""
-    scores = np.zeros(num_classes - 1)
-    counts = np.zeros(num_classes - 1)
-    model.eval()
-    for case in cases:
-        pred, _ = predict_indices(model, case.image, spec, num_classes, InferenceConfig(amp=True), device)
-        for k in range(1, num_classes):
-            p, r = pred == k, case.labels == k
-            if r.sum() == 0 and p.sum() == 0:
-                continue
-            scores[k - 1] += 2.0 * np.logical_and(p, r).sum() / (p.sum() + r.sum())
-            counts[k - 1] += 1
-    model.train()
-    return [float(s / c) if c else float("nan") for s, c in zip(scores, counts)]
-
-
 def _learning_rate(config: TrainingConfig, step: int, total: int) -> float:
     fraction = min(step / max(total, 1), 1.0)
     if config.schedule == "cosine":
@@ -128,31 +124,143 @@ def _make_optimizer(model: torch.nn.Module, config: TrainingConfig) -> torch.opt
     raise InputError(f"Unknown optimizer '{config.optimizer}'. Use 'adamw' or 'adam'.")
 
 
+@dataclass
+class SegmentationTraining:
+    """What :func:`train_segmentation` returns.
+
+    Attributes:
+        state: the kept weights (best validation epoch), CPU tensors.
+        history: one dict per epoch: ``epoch``, ``loss`` (mean over the epoch's global batches),
+            ``seconds`` and ``iterations_per_second`` of its training iterations, and
+            ``val_dice`` (per foreground class), ``val_mean_dice`` and ``validation_seconds``
+            (None for epochs that were not validated).
+        best_epoch: epoch of the kept weights.
+        best_val_dice: their mean foreground Dice on the validation sample.
+        validation_cases: names of the validation cases.
+        validation_held_out: False when the validation cases are also trained on (one case, or
+            fewer than two cases eligible for validation): the validation Dice then measures the
+            fit to the training data, not how the model does on unseen cases.
+        validation_items: slices or windows (or whole cases) predicted per validation.
+        validation_unit: what they are: ``"slices"``, ``"windows"`` or ``"cases"``.
+    """
+
+    state: dict[str, torch.Tensor]
+    history: list[dict[str, Any]]
+    best_epoch: int
+    best_val_dice: float
+    validation_cases: list[str]
+    validation_held_out: bool = True
+    validation_items: int = 0
+    validation_unit: str = "slices"
+
+    def timings(self) -> dict[str, Any]:
+        """Seconds and rates over every epoch of the run (resumed epochs included).
+
+        Returns:
+            ``training_seconds``, ``iterations``, ``iterations_per_second``,
+            ``validation_seconds``, ``validations``, ``validation_items`` and
+            ``validation_unit``, ``validation_items_per_second``.
+        """
+        timed = [h for h in self.history if "seconds" in h]
+        seconds = sum(h["seconds"] for h in timed)
+        iterations = sum(h["seconds"] * h["iterations_per_second"] for h in timed)
+        validations = [h["validation_seconds"] for h in timed if h.get("validation_seconds") is not None]
+        validation_seconds = sum(validations)
+        return {"training_seconds": seconds, "iterations": int(round(iterations)),
+                "iterations_per_second": iterations / seconds if seconds > 0 else None,
+                "validation_seconds": validation_seconds, "validations": len(validations),
+                "validation_items": self.validation_items, "validation_unit": self.validation_unit,
+                "validation_items_per_second": (len(validations) * self.validation_items / validation_seconds
+                                                if validation_seconds > 0 else None)}
+
+
+def validation_warning(case_names: Sequence[str]) -> str:
+    """The warning given when the validation cases are training cases."""
+    return (f"validation runs on training case(s) {', '.join(case_names)} because no case is held out: "
+            "the validation Dice measures the fit to the training data, not how the model does on "
+            "unseen scans. Give two or more labelled cases to hold one out.")
+
+
+def _augment(images: torch.Tensor, labels: torch.Tensor, seeds: Sequence[int]
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flips, intensity and affine augmentation, each sample drawn from its own seed.
+
+    Seeding per sample (from the run's seed, the step and the sample's place in the global
+    batch) makes a sample's augmentation independent of which process handles it.
+
+    Args:
+        images: ``(B, C, *S)``; labels: ``(B, *S)``; seeds: B seeds.
+    """
+    out_images, out_labels = [], []
+    for i, seed in enumerate(seeds):
+        generator = torch.Generator().manual_seed(int(seed))
+        image, label = random_flips(images[i:i + 1], labels[i:i + 1], generator)
+        image = random_intensity(image, generator)
+        image, label = random_affine(image, label, generator)
+        out_images.append(image)
+        out_labels.append(label)
+    return torch.cat(out_images), torch.cat(out_labels)
+
+
+def _sample_seeds(seed: int, step: int, part: slice) -> list[int]:
+    """Augmentation seeds of the global batch elements ``part`` at ``step``."""
+    return [int(np.random.SeedSequence([seed, step, i]).generate_state(1)[0])
+            for i in range(part.start, part.stop)]
+
+
+def _save_state(path: Path, state: dict[str, Any]) -> None:
+    """Write the training state through a temporary file, so that a kill never leaves half a file."""
+    partial = Path(path).with_name(Path(path).name + ".partial")
+    torch.save(state, partial)
+    os.replace(partial, path)
+
+
 def train_segmentation(cases: list[TrainingCase], spec: InputSpec, seg_config: SegNetConfig,
                        config: TrainingConfig, progress: Optional[ProgressReporter] = None,
-                       resume_path: Optional[Path] = None, validation_eligible: Optional[Sequence[bool]] = None
-                       ) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]], int, float, list[str]]:
+                       resume_path: Optional[Path] = None, validation_eligible: Optional[Sequence[bool]] = None,
+                       distributed: DistributedContext = SINGLE_PROCESS) -> SegmentationTraining:
     """Train the segmentation network on preprocessed cases.
+
+    Every epoch runs ``config.iterations_per_epoch`` iterations; every
+    ``config.validation_interval`` epochs (and after the last) the network is scored on a fixed
+    validation sample (:class:`~SFUDASegmentLib.training.validation.ValidationSample`) and the
+    best weights are kept.
 
     Args:
         cases: training cases on the network grid (see :class:`TrainingCase`).
         spec: input spec (dims, patch size).
         seg_config: network architecture.
         config: optimisation settings.
-        progress: progress/cancel reporter (stage ``"training"``).
-        resume_path: a training-state file: loaded when it exists, rewritten after every epoch.
+        progress: progress/cancel reporter: stage ``"training"`` counts iterations, stage
+            ``"validation"`` slices or windows; a warning is reported when nothing is held out.
+        resume_path: a training-state file: loaded when it exists, rewritten after every epoch
+            (by rank 0 only).
         validation_eligible: per case, whether it may be held out for validation (None: all);
             see :func:`_split_cases`.
+        distributed: this process's place in a torchrun group: the network is wrapped in
+            DistributedDataParallel, each process trains on its share of every global batch
+            and validates its share of the items; the result equals one process's up to float
+            rounding.
 
     Returns:
-        ``(best_state_dict, history, best_epoch, best_val_dice, validation_case_names)``.
+        :class:`SegmentationTraining`.
+
+    Raises:
+        InputError: a global batch that does not split over the processes, a bad validation
+            setting, divergence.
+        CheckpointError: a training-state file that does not fit.
     """
-    device = resolve_device(config.device)
+    if config.validation_interval < 1:
+        raise InputError(f"validation_interval must be >= 1 epoch, got {config.validation_interval}.")
+    device = distributed.device(config.device)
+    part = distributed.batch_part(config.batch_size)
     if config.num_threads > 0:
         torch.set_num_threads(config.num_threads)
     torch.manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
     train_cases, val_cases = _split_cases(cases, config.val_fraction, rng, validation_eligible)
+    held_out = not {id(c) for c in val_cases} & {id(c) for c in train_cases}
+    sample = ValidationSample.draw(val_cases, spec, config.validation_samples, np.random.default_rng([config.seed, 1]))
     model = ResidualUNet.from_config(seg_config).to(device).train()
     optimizer = _make_optimizer(model, config)
     use_amp = config.amp and device.type == "cuda"
@@ -171,52 +279,76 @@ def train_segmentation(cases: list[TrainingCase], spec: InputSpec, seg_config: S
                 "file to start over, or pass the same network settings as the interrupted run.") from error
         best_state, best_score = state["best_state"], float(state["best_score"])
         best_epoch, start_epoch, history = int(state["best_epoch"]), int(state["epoch"]), state["history"]
+    network = distributed.wrap(model, device)
+    sum_over = distributed.sum_with_gradient if distributed.is_distributed else None
     total_steps = config.epochs * config.iterations_per_epoch
+    first_step = start_epoch * config.iterations_per_epoch
     patch = spec.patch_size if spec.dims == "3d" else spec.patch_size[-2:]
+    counts = {"total": total_steps - first_step, "unit": "iterations"}
+    report(progress, "training", first_step / max(total_steps, 1),
+           f"training from epoch {start_epoch + 1}/{config.epochs}", done=0, **counts)
+    if not held_out:
+        report(progress, "training", first_step / max(total_steps, 1),
+               "warning: " + validation_warning([c.name for c in val_cases]), done=0, **counts)
     for epoch in range(start_epoch, config.epochs):
-        epoch_rng = np.random.default_rng([config.seed, epoch])
-        generator = torch.Generator().manual_seed(config.seed * 1000 + epoch)
-        sampler = PatchSampler(train_cases, spec, patch, config.foreground_oversample, epoch_rng)
+        sampler = PatchSampler(train_cases, spec, patch, config.foreground_oversample,
+                               np.random.default_rng([config.seed, epoch]))
         losses = []
+        started = time.perf_counter()
         for it in range(config.iterations_per_epoch):
             step = epoch * config.iterations_per_epoch + it
             for group in optimizer.param_groups:
                 group["lr"] = _learning_rate(config, step, total_steps)
-            images_np, labels_np = sampler.sample(config.batch_size)
+            images_np, labels_np = sampler.sample(config.batch_size, part)
             images, labels = torch.from_numpy(images_np), torch.from_numpy(labels_np)
             if config.augment:
-                images, labels = random_flips(images, labels, generator)
-                images = random_intensity(images, generator)
-                images, labels = random_affine(images, labels, generator)
+                images, labels = _augment(images, labels, _sample_seeds(config.seed, step, part))
             images, labels = images.to(device), labels.to(device)
             optimizer.zero_grad(set_to_none=True)
             with autocast(device, use_amp):
-                logits = model(images)
-            loss = dice_ce_loss(logits, labels)
-            if not torch.isfinite(loss):
+                logits = network(images)
+            loss = dice_ce_loss(logits, labels, sum_over)
+            value = distributed.mean(float(loss.detach()))
+            if not math.isfinite(value):
                 raise InputError(
                     "Training diverged (loss is NaN/Inf). Lower the learning rate (--lr) or check "
                     "the images for extreme values.")
             scaler.scale(loss).backward()
             scaler.step(optimizer)
             scaler.update()
-            losses.append(float(loss.detach()))
+            losses.append(value)
             report(progress, "training", (step + 1) / total_steps,
-                   f"epoch {epoch + 1}/{config.epochs} loss {np.mean(losses):.3f}")
-        val = _validation_dice(model, val_cases, spec, seg_config.out_channels, device)
-        mean_val = float(np.nanmean(val)) if not all(np.isnan(val)) else 0.0
-        history.append({"epoch": epoch + 1, "loss": float(np.mean(losses)), "val_dice": val,
-                        "val_mean_dice": mean_val})
-        if mean_val > best_score:
-            best_score, best_epoch = mean_val, epoch + 1
-            best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-        report(progress, "training", (epoch + 1) * config.iterations_per_epoch / total_steps,
-               f"epoch {epoch + 1}: loss {np.mean(losses):.3f}, validation Dice {mean_val:.3f}")
-        if resume_path is not None:
-            torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                        "best_state": best_state, "best_score": best_score, "best_epoch": best_epoch,
-                        "epoch": epoch + 1, "history": history}, resume_path)
-    return best_state, history, best_epoch, best_score, [c.name for c in val_cases]
+                   f"epoch {epoch + 1}/{config.epochs} loss {np.mean(losses):.3f}",
+                   done=step + 1 - first_step, **counts)
+        seconds = time.perf_counter() - started
+        record: dict[str, Any] = {"epoch": epoch + 1, "loss": float(np.mean(losses)), "seconds": seconds,
+                                  "iterations_per_second": config.iterations_per_epoch / seconds,
+                                  "val_dice": None, "val_mean_dice": None, "validation_seconds": None}
+        message = f"epoch {epoch + 1}: loss {record['loss']:.3f}"
+        if (epoch + 1) % config.validation_interval == 0 or epoch + 1 == config.epochs:
+            started = time.perf_counter()
+            val = validation_dice(model, val_cases, sample, spec, seg_config.out_channels, device, use_amp,
+                                  distributed=distributed, progress=progress)
+            mean_val = float(np.nanmean(val)) if not all(np.isnan(val)) else 0.0
+            record.update(val_dice=val, val_mean_dice=mean_val, validation_seconds=time.perf_counter() - started)
+            message += f", validation Dice {mean_val:.3f}"
+            if mean_val > best_score:
+                best_score, best_epoch = mean_val, epoch + 1
+                best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+        history.append(record)
+        report(progress, "training", (epoch + 1) * config.iterations_per_epoch / total_steps, message,
+               done=(epoch + 1 - start_epoch) * config.iterations_per_epoch, **counts)
+        if resume_path is not None and distributed.is_main:
+            _save_state(Path(resume_path), {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                                            "best_state": best_state, "best_score": best_score,
+                                            "best_epoch": best_epoch, "epoch": epoch + 1, "history": history})
+    return SegmentationTraining(best_state, history, best_epoch, best_score, [c.name for c in val_cases],
+                                held_out, len(sample.items), sample.unit)
+
+
+VALIDATION_HELD_OUT = "held-out case(s)"
+VALIDATION_ON_TRAINING = "training case (no held-out case)"
+"""What ``provenance["validation"]`` says the validation Dice was measured on."""
 
 
 def train_source(images: Sequence[Volume], labels: Sequence[Volume], classes: list[LabelClass],
@@ -228,23 +360,31 @@ def train_source(images: Sequence[Volume], labels: Sequence[Volume], classes: li
                  progress: Optional[ProgressReporter] = None,
                  resume_path: Optional[Path] = None,
                  case_names: Optional[Sequence[str]] = None,
-                 data_description: str = "") -> TrainingOutcome:
+                 data_description: str = "",
+                 distributed: DistributedContext = SINGLE_PROCESS) -> TrainingOutcome:
     """Train a source model (and optionally its diffusion model) and build the checkpoint.
 
     Args:
         images: source images (3D volumes or 2D images), each validated.
         labels: their label maps (same geometry; values 0 or a class value).
         classes: foreground classes.
-        spec: input spec: dims, modality, channels, patch size...
+        spec: input spec: dims, modality, channels, patch size, network spacing...
         config: segmentation training settings.
         seg_config: network architecture (default: :func:`default_seg_config`).
         diffusion: when given, also train the conditional diffusion model with these settings.
-        diffusion_config: its architecture (default: :func:`default_diffusion_config`).
+        diffusion_config: its architecture (default: the network of
+            :func:`~SFUDASegmentLib.diffusion.training.diffusion_defaults` for the device).
         schedule: its noise schedule.
         progress: progress/cancel reporter.
         resume_path: training-state file for resuming the segmentation training.
         case_names: names for reports (default: case_000, ...).
         data_description: free text stored in the provenance.
+        distributed: this process's place in a torchrun group (see :func:`train_segmentation`);
+            every process returns the same checkpoint, rank 0 alone should write it.
+
+    Returns:
+        :class:`TrainingOutcome`; its provenance records seconds and rates
+        (``provenance["timings"]``) and what the validation ran on (``provenance["validation"]``).
 
     Raises:
         InputError: mismatched lists, bad images or labels (see ``preparation``).
@@ -257,39 +397,53 @@ def train_source(images: Sequence[Volume], labels: Sequence[Volume], classes: li
              for img, lab, name in zip(images, labels, names)]
     num_classes = 1 + len(classes)
     seg_config = seg_config or default_seg_config(spec, num_classes)
-    state, history, best_epoch, best_score, val_names = train_segmentation(
-        cases, spec, seg_config, config, progress, resume_path)
+    run = train_segmentation(cases, spec, seg_config, config, progress, resume_path, distributed=distributed)
+    timings: dict[str, Any] = {"segmentation": run.timings()}
     part = None
-    diffusion_losses: list[float] = []
+    diffusion_record = None
     if diffusion is not None:
-        from ..diffusion.training import image_to_unit_range, train_diffusion
+        from ..diffusion.training import (diffusion_defaults, image_to_unit_range, train_diffusion,
+                                          widths_to_base_and_multipliers)
 
-        net_config = diffusion_config or default_diffusion_config(spec, num_classes)
+        if diffusion_config is None:
+            defaults = diffusion_defaults(distributed.device(diffusion.device))
+            diffusion_config = default_diffusion_config(spec, num_classes, *widths_to_base_and_multipliers(defaults.widths),
+                                                        defaults.num_res_blocks)
         scale = 3.0
-        samples = [(image_to_unit_range(c.image, scale), c.labels, c.foreground) for c in cases]
+        samples = []
+        while cases:  # each case's image is released once its [-1, 1] copy exists
+            case = cases.pop(0)
+            samples.append((image_to_unit_range(case.image, scale), case.labels, case.foreground))
         if spec.dims == "3d":
             patch = tuple(spec.patch_size)
         else:
             samples = [(img[:, 0], lab[0], fg[0]) if lab.shape[0] == 1 else (img, lab, fg)
                        for img, lab, fg in samples]
             patch = tuple(spec.patch_size[-2:])
-        trained = train_diffusion(samples, net_config, schedule, diffusion, patch, progress)
+        trained = train_diffusion(samples, diffusion_config, schedule, diffusion, patch, progress, distributed)
         part = DiffusionPart(trained.net_config, trained.schedule_config, trained.ema_state_dict, scale)
-        diffusion_losses = trained.losses
+        timings["diffusion"] = {"training_seconds": trained.seconds, "iterations": len(trained.losses),
+                                "iterations_per_second": trained.iterations_per_second}
+        diffusion_record = {**to_dict(diffusion),
+                            "final_loss": float(np.mean(trained.losses[-50:])) if trained.losses else None}
+    warnings = [] if run.validation_held_out else [validation_warning(run.validation_cases)]
     provenance = {
-        "data": data_description or f"{len(cases)} case(s): {', '.join(names)}",
+        "data": data_description or f"{len(names)} case(s): {', '.join(names)}",
         "cases": names,
-        "validation_cases": val_names,
-        "best_epoch": best_epoch,
-        "validation_mean_dice": best_score,
+        "validation_cases": run.validation_cases,
+        "validation": VALIDATION_HELD_OUT if run.validation_held_out else VALIDATION_ON_TRAINING,
+        "best_epoch": run.best_epoch,
+        "validation_mean_dice": run.best_val_dice,
         "training": to_dict(config),
-        "diffusion_training": None if diffusion is None else {
-            **to_dict(diffusion), "final_loss": float(np.mean(diffusion_losses[-50:])) if diffusion_losses else None},
+        "diffusion_training": diffusion_record,
+        "timings": timings,
+        "processes": distributed.world_size,
         "versions": {"sfudasegment": _version(), "torch": torch.__version__, "numpy": np.__version__,
                      "python": platform.python_version()},
     }
-    checkpoint = SourceCheckpoint(classes, spec, seg_config, state, part, None, provenance)
-    return TrainingOutcome(checkpoint, history, best_epoch, best_score, val_names)
+    checkpoint = SourceCheckpoint(classes, spec, seg_config, run.state, part, None, provenance)
+    return TrainingOutcome(checkpoint, run.history, run.best_epoch, run.best_val_dice, run.validation_cases,
+                           run.validation_held_out, warnings, timings)
 
 
 def _version() -> str:

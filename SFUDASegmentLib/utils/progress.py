@@ -2,8 +2,10 @@
 
 Long operations take an optional :class:`ProgressReporter`. They call
 ``reporter.report(stage, fraction, message, done=..., total=..., unit=...)``; the reporter
-stamps the seconds since the stage's first event, forwards the event to a callback (a progress
-bar, a JSON line for the Slicer job runner, a test recorder) and raises
+stamps the seconds since the stage started (its first event, or its latest event with
+``done=0``: a stage that runs again, such as the validation after every epoch, starts its clock
+anew), forwards the event to a callback (a progress bar, a JSON line for the Slicer job
+runner, a test recorder) and raises
 :class:`~SFUDASegmentLib.errors.OperationCancelled` when ``should_cancel()`` says so.
 """
 
@@ -28,8 +30,9 @@ class ProgressEvent:
             stage does not count units).
         unit: what ``done`` counts, in words a person reads: ``"iterations"``, ``"slices"``,
             ``"cases"``...
-        elapsed: seconds since the stage's first event (set by :class:`ProgressReporter`; a
-            stage that starts again, its fraction going back, counts from its new start).
+        elapsed: seconds since the stage started: its first event, its latest event with
+            ``done == 0``, or the event whose fraction went back (the stage runs again); set by
+            :class:`ProgressReporter`.
     """
 
     stage: str
@@ -72,12 +75,13 @@ class ProgressReporter:
 
         Args:
             stage, fraction, message: see :class:`ProgressEvent`.
-            done, total, unit: optional counts of the stage's work (e.g. 120 of 400 iterations).
+            done, total, unit: optional counts of the stage's work (e.g. 120 of 400 iterations);
+                ``done=0`` (re)starts the stage's clock.
         """
         if self.callback is not None:
             now = self.clock()
             fraction = min(max(float(fraction), 0.0), 1.0)
-            if fraction < self._stage_fraction.get(stage, 0.0):  # the stage runs again
+            if done == 0 or fraction < self._stage_fraction.get(stage, 0.0):  # the stage (re)starts
                 self._stage_start.pop(stage, None)
             self._stage_fraction[stage] = fraction
             start = self._stage_start.setdefault(stage, now)

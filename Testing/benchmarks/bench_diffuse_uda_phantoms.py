@@ -118,7 +118,7 @@ def run_seed(seed: int, args: argparse.Namespace, workdir: Path, device: torch.d
         config = TrainingConfig(epochs=epochs, iterations_per_epoch=-(-base.retrain_iterations // epochs),
                                 batch_size=base.batch_size, lr=base.lr, val_fraction=base.val_fraction,
                                 seed=seed, device=str(device))
-        state, *_ = train_segmentation(cases, spec, seg_config, config)
+        state = train_segmentation(cases, spec, seg_config, config).state
         results["source-only"] = {**evaluate(state, seg_config, spec, tests, device),
                                   "seconds": time.perf_counter() - start}
     for name, config in configs.items():
