@@ -263,6 +263,10 @@ class HEALConfig:
             sample segmented by the source model) or ``"heal"`` (full, with size-aware fusion).
         seed: sampling seed.
         amp: mixed precision on GPU.
+        candidate_spread: also segment all n candidates with the source model (n more
+            source inferences) and return the spread of those segmentations as the map
+            ``candidate_spread`` (``uncertainty/candidate_spread.py``); needs the diffusion
+            stages.
     """
 
     tau1: float = 0.2
@@ -290,6 +294,7 @@ class HEALConfig:
     stages: str = "heal"
     seed: int = 0
     amp: bool = True
+    candidate_spread: bool = False
 
 
 @dataclass

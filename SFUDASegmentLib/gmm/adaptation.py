@@ -26,6 +26,7 @@ from ..errors import InputError
 from ..inference.preparation import PreparedInput, predict_indices, prepare_input
 from ..inference.segment import result_from_prediction
 from ..results.result import Result
+from ..uncertainty.review import review_uncertainty
 from ..utils.device import StageTimer, autocast, free_memory, resolve_device
 from ..utils.progress import ProgressReporter, report
 from .embeddings import flatten_embedding, random_input_batch
@@ -284,6 +285,7 @@ def gmm_adapt(volumes: Volume | Sequence[Volume], checkpoint: SourceCheckpoint,
             result = result_from_prediction("gmm", checkpoint, prepared, indices, probs)
             result.extra.update(adaptation.report())
             result.extra["gmm"] = to_dict(config)
+            review_uncertainty(result, checkpoint.input_spec.modality, prepared.to_input_grid(prepared.foreground, True))
         results.append(result)
     for result in results:
         result.timings = timer.to_dict()

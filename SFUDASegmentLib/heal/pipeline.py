@@ -23,6 +23,8 @@ from ..errors import CheckpointError, InputError
 from ..inference.preparation import PreparedInput, predict_indices, prepare_input
 from ..inference.segment import result_from_prediction
 from ..results.result import Result, structure_statistics
+from ..uncertainty.candidate_spread import candidate_spread, segment_candidates
+from ..uncertainty.review import review_uncertainty
 from ..utils.device import StageTimer, free_memory, map_in_chunks, resolve_device
 from ..utils.progress import ProgressReporter, report
 from .denoising import hierarchical_denoise
@@ -38,6 +40,9 @@ def check_heal_config(config: HEALConfig, checkpoint: SourceCheckpoint) -> None:
     if config.stages not in STAGES:
         raise InputError(f"stages must be one of {STAGES}, got '{config.stages}'.")
     if config.stages == "hd":
+        if config.candidate_spread:
+            raise InputError("The candidate spread needs the diffusion candidates; use stages 'hd+egs' or "
+                             "'heal', or turn candidate_spread off.")
         return
     if checkpoint.diffusion is None:
         raise CheckpointError(
@@ -179,7 +184,8 @@ def heal_adapt(volume: Volume, checkpoint: SourceCheckpoint, config: HEALConfig 
 
     Returns:
         Result with method ``"heal"``: final labels; source probabilities; maps ``entropy`` and
-        ``nig_variance`` (min-max normalised); label maps ``pseudo_labels`` (Y_T),
+        ``nig_variance`` (min-max normalised), and ``candidate_spread`` with
+        ``config.candidate_spread``; label maps ``pseudo_labels`` (Y_T),
         ``entropy_labels`` (Y_ent), ``refined_labels`` (Y*) and, past ``hd``,
         ``selected_segmentation`` (M_S(I_B)); the candidates in the input's intensity units,
         their edge scores and the selected index; per-stage seconds and peak memory.
@@ -204,7 +210,7 @@ def heal_adapt(volume: Volume, checkpoint: SourceCheckpoint, config: HEALConfig 
         refined = grid(denoised.refined).astype(np.int64)
         report(progress, "denoising", 1.0, "hierarchical denoising done")
     final = refined
-    candidates, selection, selected_seg = None, None, None
+    candidates, selection, selected_seg, spread = None, None, None, None
     if config.stages != "hd":
         rendered = slices_to_render(prepared, refined, config, checkpoint.diffusion.net_config.spatial_dims)
         with timer.stage("diffusion"):
@@ -219,6 +225,10 @@ def heal_adapt(volume: Volume, checkpoint: SourceCheckpoint, config: HEALConfig 
                                            inference, device)
             not_rendered = np.setdiff1d(np.arange(refined.shape[0]), rendered)
             selected_seg[not_rendered] = 0
+        if config.candidate_spread:
+            with timer.stage("candidate_spread"):
+                spread = candidate_spread(segment_candidates(model, candidates, spec, k, inference, device,
+                                                             not_rendered), k)
         final = selected_seg
         if config.stages == "heal":
             with timer.stage("fusion"):
@@ -229,6 +239,8 @@ def heal_adapt(volume: Volume, checkpoint: SourceCheckpoint, config: HEALConfig 
         result = result_from_prediction("heal", checkpoint, prepared, final, probs)
         result.maps["nig_variance"] = prepared.to_input_grid(
             grid(denoised.variance_normalized), is_label=False).astype(np.float32)
+        if spread is not None:
+            result.maps["candidate_spread"] = prepared.to_input_grid(spread, is_label=False).astype(np.float32)
         for name, array in (("pseudo_labels", grid(denoised.pseudo)),
                             ("entropy_labels", grid(denoised.y_ent)), ("refined_labels", refined),
                             ("selected_segmentation", selected_seg)):
@@ -248,6 +260,7 @@ def heal_adapt(volume: Volume, checkpoint: SourceCheckpoint, config: HEALConfig 
                                 (checkpoint.diffusion.schedule.timesteps if checkpoint.diffusion else 0),
                                 "candidates": config.candidates, "seed": config.seed,
                                 "tau1": config.tau1, "tau2": config.tau2}
+        review_uncertainty(result, spec.modality, prepared.to_input_grid(prepared.foreground, True))
     result.timings = timer.to_dict()
     return result
 
