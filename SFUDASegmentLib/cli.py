@@ -224,6 +224,54 @@ def cmd_fit_prototypes(args: argparse.Namespace, progress: Optional[ProgressRepo
     return 0
 
 
+def cmd_fit_temperature(args: argparse.Namespace, progress: Optional[ProgressReporter]) -> int:
+    from .checkpoint import SourceCheckpoint
+    from .config import InferenceConfig
+    from .data.io import read_image, read_label
+    from .uncertainty.temperature import fit_temperature
+
+    if not args.image or len(args.image) != len(args.label or []):
+        raise InputError("Give one --label per --image (labelled source cases the model was not trained on).")
+    if Path(args.out).resolve() == Path(args.checkpoint).resolve():
+        raise InputError(f"--out '{args.out}' must name a new file; the input checkpoint is never overwritten.")
+    checkpoint = SourceCheckpoint.load(args.checkpoint)
+    allowed = {0} | {c.value for c in checkpoint.classes}
+    images = [read_image(p) for p in args.image]
+    labels = [read_label(p, allowed_values=allowed) for p in args.label]
+    fitted, fit = fit_temperature(checkpoint, images, labels, InferenceConfig(device=args.device),
+                                  max_voxels=args.max_voxels, seed=args.seed, progress=progress)
+    fitted.save(args.out)
+    _print_json({"checkpoint": args.out, **fit.report()})
+    return 0
+
+
+def cmd_uncertainty(args: argparse.Namespace, progress: Optional[ProgressReporter]) -> int:
+    from .checkpoint import SourceCheckpoint
+    from .config import InferenceConfig
+    from .data.io import read_image
+    from .results.files import read_result, write_result
+    from .uncertainty.maps import add_uncertainty_maps
+    from .uncertainty.reliability import DEFAULT_TABLE, load_reliability_table
+
+    if Path(args.out).resolve() == Path(args.result).resolve():
+        raise InputError(f"--out '{args.out}' must be a new folder; the result folder --result is not modified.")
+    if not (Path(args.result) / "report.json").is_file():
+        raise InputError(f"'{args.result}' is not a result folder (no report.json); give the --out folder of "
+                         "`sfuda segment` or `sfuda adapt`.")
+    checkpoint = SourceCheckpoint.load(args.checkpoint)
+    adapted = SourceCheckpoint.load(args.adapted) if args.adapted else None
+    table = load_reliability_table(args.reliability) if args.reliability else DEFAULT_TABLE
+    result = read_result(args.result)
+    names = [n.strip() for n in args.maps.split(",") if n.strip()]
+    add_uncertainty_maps(result, read_image(args.image), checkpoint, names, adapted,
+                         InferenceConfig(device=args.device, batch_size=args.batch_size), table=table,
+                         target_modality=args.target_modality, progress=progress)
+    write_result(result, args.out, input_path=args.image, checkpoint_path=args.checkpoint)
+    _print_json({"out": args.out, "maps": sorted(result.maps), "reliability": result.reliability,
+                 "review_queue": result.review_queue})
+    return 0
+
+
 def cmd_diffuse_uda(args: argparse.Namespace, progress: Optional[ProgressReporter]) -> int:
     from .config import InputSpec, parse_labels
     from .data.io import read_image, read_label
@@ -429,6 +477,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     device_arg(p)
     p.set_defaults(func=cmd_fit_prototypes)
+
+    p = sub.add_parser("fit-temperature", help="fit the temperature of the model's probabilities on labelled "
+                       "source cases (calibrates the uncertainty maps)")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--image", action="append", required=True,
+                   help="labelled source-modality case, ideally one the model was not trained on (repeat)")
+    p.add_argument("--label", action="append", required=True, help="its label map (repeat)")
+    p.add_argument("--out", required=True, help="new checkpoint (the input file is not modified)")
+    p.add_argument("--max-voxels", type=int, default=200_000, help="body voxels used for the fit, in all")
+    p.add_argument("--seed", type=int, default=0)
+    device_arg(p)
+    p.set_defaults(func=cmd_fit_temperature)
+
+    p = sub.add_parser("uncertainty", help="add uncertainty maps to a result folder, with its review queue and "
+                       "reliability statement")
+    p.add_argument("--checkpoint", required=True, help="the source checkpoint")
+    p.add_argument("--image", required=True, help="the scan the result was computed from")
+    p.add_argument("--result", required=True, help="the --out folder of `sfuda segment` or `sfuda adapt`")
+    p.add_argument("--out", required=True, help="new output folder (the result folder is not modified)")
+    p.add_argument("--maps", default="flip_entropy,flip_variance",
+                   help="comma-separated: calibrated_entropy, flip_entropy, flip_variance, mahalanobis, "
+                        "disagreement (GMM, needs --adapted), label_disagreement")
+    p.add_argument("--adapted", help="the adapted checkpoint of a GMM result (`adapt --save-adapted`)")
+    p.add_argument("--reliability", help="reliability table (JSON) to choose the map to show from")
+    p.add_argument("--target-modality", help="the scan's modality, e.g. FLAIR (for the reliability lookup)")
+    p.add_argument("--batch-size", type=int, default=4)
+    device_arg(p)
+    p.set_defaults(func=cmd_uncertainty)
 
     p = sub.add_parser("diffuse-uda", help="source side: ASCPlus + diffusion synthesis + retraining -> checkpoint")
     p.add_argument("--source-image", action="append", required=True)
