@@ -497,8 +497,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--result", required=True, help="the --out folder of `sfuda segment` or `sfuda adapt`")
     p.add_argument("--out", required=True, help="new output folder (the result folder is not modified)")
     p.add_argument("--maps", default="flip_entropy,flip_variance",
-                   help="comma-separated: calibrated_entropy, flip_entropy, flip_variance, mahalanobis, "
-                        "disagreement (GMM, needs --adapted), label_disagreement")
+                   help="comma-separated: calibrated_entropy, nig_variance, flip_entropy, flip_variance, "
+                        "mahalanobis, disagreement (GMM, needs --adapted), label_disagreement")
     p.add_argument("--adapted", help="the adapted checkpoint of a GMM result (`adapt --save-adapted`)")
     p.add_argument("--reliability", help="reliability table (JSON) to choose the map to show from")
     p.add_argument("--target-modality", help="the scan's modality, e.g. FLAIR (for the reliability lookup)")

@@ -19,14 +19,14 @@ from SFUDASegmentLib.gmm.prototypes import ClassPrototypes
 from SFUDASegmentLib.heal.pipeline import heal_adapt
 from SFUDASegmentLib.inference.preparation import predict_indices
 from SFUDASegmentLib.inference.segment import segment
-from SFUDASegmentLib.uncertainty.candidate_spread import candidate_spread, candidate_votes
+from SFUDASegmentLib.uncertainty.candidate_spread import candidate_spread, candidate_votes, segment_candidates
 from SFUDASegmentLib.uncertainty.disagreement import label_disagreement, probability_disagreement
 from SFUDASegmentLib.uncertainty.entropy import voxel_entropy
 from SFUDASegmentLib.uncertainty.flip_tta import flip_combinations, flip_tta
 from SFUDASegmentLib.uncertainty.mahalanobis import mahalanobis_map, nearest_class_distance
 from SFUDASegmentLib.uncertainty.maps import add_uncertainty_maps
 from SFUDASegmentLib.uncertainty.temperature import apply_temperature, fit_temperature, nll_optimal_temperature
-from tiny_models import single_thread, tiny_full_model, untrained_checkpoint  # noqa: F401
+from tiny_models import SignNet, single_thread, tiny_full_model, untrained_checkpoint  # noqa: F401
 
 CPU = InferenceConfig(device="cpu")
 
@@ -57,6 +57,19 @@ def test_candidate_votes_and_spread_by_hand():
     np.testing.assert_allclose(candidate_spread(segmentations, 3), [0, 0, 2 / 3, 1 / 3], atol=1e-6)
     with pytest.raises(InputError, match="class indices"):
         candidate_spread(segmentations, 2)
+
+
+@pytest.mark.parametrize("dims", ["2d", "2.5d"])
+def test_segment_candidates_segments_the_rendered_slices_and_leaves_the_others_background(dims, rng):
+    candidates = rng.normal(size=(2, 1, 4, 6, 6)).astype(np.float32)
+    spec = InputSpec(dims=dims, patch_size=(6, 6), context_slices=1)
+    # SignNet calls class 1 where its first input channel is > 0: the slice itself in 2D, the
+    # slice below (clipped at the edge) in 2.5D, whose stack starts with slice z - 1
+    segmentations = segment_candidates(SignNet(), candidates, spec, 2, CPU, torch.device("cpu"), [0, 2])
+    below = {"2d": [0, 2], "2.5d": [0, 1]}[dims]
+    np.testing.assert_array_equal(segmentations[:, [0, 2]], candidates[:, 0, below] > 0)
+    assert not segmentations[:, [1, 3]].any()
+    assert not segment_candidates(SignNet(), candidates, spec, 2, CPU, torch.device("cpu"), []).any()
 
 
 # --------------------------------------------------------------------------- flip TTA
@@ -231,6 +244,8 @@ def test_add_uncertainty_maps_to_no_adaptation_heal_and_gmm(tiny_full_model):
     assert all(m.shape == result.labels.shape and m.dtype == np.float32 for m in result.maps.values())
     assert "mean_mahalanobis" in result.structure_stats[0]
     heal = heal_adapt(image, checkpoint, HEALConfig(stages="hd"), CPU)
+    add_uncertainty_maps(result, image, checkpoint, ["nig_variance"], inference=CPU)
+    np.testing.assert_allclose(result.maps["nig_variance"], heal.maps["nig_variance"], atol=1e-6)  # HEAL's own
     add_uncertainty_maps(heal, image, checkpoint, ["label_disagreement"], inference=CPU)
     np.testing.assert_array_equal(heal.maps["label_disagreement"], heal.labels != heal.label_maps["pseudo_labels"])
     results, adaptation = gmm_adapt(image, checkpoint, GMMConfig(iterations=3), CPU)

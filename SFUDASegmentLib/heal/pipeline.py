@@ -228,7 +228,7 @@ def heal_adapt(volume: Volume, checkpoint: SourceCheckpoint, config: HEALConfig 
         if config.candidate_spread:
             with timer.stage("candidate_spread"):
                 spread = candidate_spread(segment_candidates(model, candidates, spec, k, inference, device,
-                                                             not_rendered), k)
+                                                             rendered), k)
         final = selected_seg
         if config.stages == "heal":
             with timer.stage("fusion"):

@@ -62,9 +62,11 @@ def candidate_spread(segmentations: np.ndarray, num_classes: int) -> np.ndarray:
 
 
 def segment_candidates(model: torch.nn.Module, candidates: np.ndarray, spec: InputSpec, num_classes: int,
-                       inference: InferenceConfig, device: torch.device,
-                       blank_slices: Sequence[int] = ()) -> np.ndarray:
+                       inference: InferenceConfig, device: torch.device, rendered: Sequence[int]) -> np.ndarray:
     """The source model's segmentation of each candidate image, on the network grid.
+
+    A 2D network segments only the rendered slices (the cost follows the rendering's); a 2.5D
+    or 3D network, which looks across slices, segments the whole candidate.
 
     Args:
         model: the source segmentation network (eval mode, on ``device``).
@@ -73,13 +75,21 @@ def segment_candidates(model: torch.nn.Module, candidates: np.ndarray, spec: Inp
         num_classes: K.
         inference: batch and device settings.
         device: compute device.
-        blank_slices: axial slices no candidate was rendered on; set to background, as HEAL
-            does for the selected candidate.
+        rendered: the axial slices the candidates were rendered on; every other slice is
+            background, as HEAL makes it for the selected candidate.
 
     Returns:
         ``(n, Z, Y, X)`` class indices.
     """
-    segmentations = np.stack([predict_indices(model, candidate, spec, num_classes, inference, device)[0]
-                              for candidate in candidates])
-    segmentations[:, list(blank_slices)] = 0
+    rendered = sorted(int(z) for z in rendered)
+    segmentations = np.zeros((candidates.shape[0], *candidates.shape[2:]), dtype=np.int64)
+    if not rendered:
+        return segmentations
+    for i, candidate in enumerate(candidates):
+        if spec.dims == "2d":
+            segmentations[i, rendered] = predict_indices(model, candidate[:, rendered], spec, num_classes,
+                                                         inference, device)[0]
+        else:
+            segmentations[i, rendered] = predict_indices(model, candidate, spec, num_classes, inference,
+                                                         device)[0][rendered]
     return segmentations

@@ -7,6 +7,8 @@ scan, the source checkpoint and, for GMM, the adapted checkpoint:
 
 =======================  ================================================================
 ``calibrated_entropy``   entropy (bits) of the temperature-scaled probabilities
+``nig_variance``         HEAL's min-max normalised NIG variance (``heal/denoising.py``,
+                         default ``HEALConfig``), of any result's probabilities
 ``flip_entropy``         entropy (bits) of the mean probabilities over flips (4 passes)
 ``flip_variance``        across-flip variance of the class probabilities, mean over classes
 ``mahalanobis``          embedding distance to the nearest source class Gaussian
@@ -27,11 +29,12 @@ import numpy as np
 import torch
 
 from ..checkpoint import SourceCheckpoint
-from ..config import InferenceConfig
+from ..config import HEALConfig, InferenceConfig
 from ..data.geometry import Volume
 from ..data.labels import indices_to_values
 from ..errors import CheckpointError, InputError
 from ..gmm.prototypes import ClassPrototypes, check_compatible
+from ..heal.denoising import hierarchical_denoise
 from ..inference.preparation import PreparedInput, predict_indices, prepare_input
 from ..results.result import Result, structure_statistics
 from ..utils.device import resolve_device
@@ -44,7 +47,7 @@ from .reliability import DEFAULT_TABLE
 from .review import review_uncertainty
 from .temperature import apply_temperature
 
-MAP_NAMES = ("calibrated_entropy", "flip_entropy", "flip_variance", "mahalanobis", "disagreement",
+MAP_NAMES = ("calibrated_entropy", "nig_variance", "flip_entropy", "flip_variance", "mahalanobis", "disagreement",
              "label_disagreement")
 
 
@@ -121,6 +124,12 @@ def add_uncertainty_maps(result: Result, volume: Volume, checkpoint: SourceCheck
                                   "labelled source cases first.")
         maps["calibrated_entropy"] = voxel_entropy(apply_temperature(nets.probabilities("result"),
                                                                      checkpoint.temperature))
+    if "nig_variance" in names:
+        probs = nets.probabilities("result")
+        squeeze = prepared.is_2d
+        denoised = hierarchical_denoise(probs[:, 0] if squeeze else probs, HEALConfig(),
+                                        spacing=prepared.network_spacing[1:] if squeeze else prepared.network_spacing)
+        maps["nig_variance"] = denoised.variance_normalized[None] if squeeze else denoised.variance_normalized
     if "flip_entropy" in names or "flip_variance" in names:
         tta = flip_tta(nets.net("result"), prepared.image, spec, k, inference, nets.device, flip_axes, progress)
         maps.update({"flip_entropy": tta.entropy, "flip_variance": tta.variance})
