@@ -171,6 +171,15 @@ def test_reliability_tables_are_validated_and_read_from_json(tmp_path):
         load_reliability_table(tmp_path / "broken.json")
 
 
+def test_the_shipped_table_holds_phantom_figures_and_says_so():
+    assert DEFAULT_TABLE["entries"] and all(e["phantom"] for e in DEFAULT_TABLE["entries"])
+    statement = trust_statement("none", "entropy", DEFAULT_TABLE, "T2", "FLAIR")
+    assert statement["phantom"] and "synthetic phantoms, not on patient scans" in statement["text"]
+    assert any("phantoms" in w for w in statement["warnings"])
+    heal = {e["map"]: e["auroc"] for e in DEFAULT_TABLE["entries"] if e["method"] == "heal"}
+    assert recommended_map("heal", sorted(heal)) == max(heal, key=heal.get)
+
+
 # --------------------------------------------------------------------------- a result carries both
 
 

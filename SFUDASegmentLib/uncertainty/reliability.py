@@ -63,9 +63,45 @@ FALLBACK_ORDER: dict[str, tuple[str, ...]] = {
     "heal/hd+egs": ("candidate_spread", "entropy", "nig_variance"),
 }
 
-#: Figures measured on synthetic phantoms (not patient scans): 2D source model on 64x64
-#: source-modality phantoms, 16 target-modality phantoms, domain gap 0.3; see the README.
-PHANTOM_ENTRIES: list[dict[str, Any]] = []
+_PHANTOMS: dict[str, Any] = {
+    "source_modality": "phantom-source", "target_modality": "phantom-target", "cases": 16, "phantom": True,
+    "data": "synthetic phantoms (2D model trained on 64x64 source-modality phantoms; 16 target-modality "
+            "phantoms at domain gap 0.3)"}
+
+#: Figures measured on synthetic phantoms, not patient scans: mean voxel AUROC / AUPRC for each
+#: method's own errors inside the body (``python Testing/benchmarks/bench_uncertainty.py
+#: --phantoms --cases 16 --gap 0.3 --threads 1``; the README has the whole table).
+PHANTOM_ENTRIES: list[dict[str, Any]] = [
+    {**_PHANTOMS, "method": "none", "map": "entropy", "auroc": 0.790, "auprc": 0.297},
+    {**_PHANTOMS, "method": "none", "map": "calibrated_entropy", "auroc": 0.792, "auprc": 0.300},
+    {**_PHANTOMS, "method": "none", "map": "nig_variance", "auroc": 0.796, "auprc": 0.307},
+    {**_PHANTOMS, "method": "none", "map": "flip_entropy", "auroc": 0.802, "auprc": 0.307},
+    {**_PHANTOMS, "method": "none", "map": "flip_variance", "auroc": 0.798, "auprc": 0.299},
+    {**_PHANTOMS, "method": "none", "map": "mahalanobis", "auroc": 0.723, "auprc": 0.245},
+    {**_PHANTOMS, "method": "heal/hd", "map": "entropy", "auroc": 0.758, "auprc": 0.434},
+    {**_PHANTOMS, "method": "heal/hd", "map": "calibrated_entropy", "auroc": 0.763, "auprc": 0.444},
+    {**_PHANTOMS, "method": "heal/hd", "map": "nig_variance", "auroc": 0.857, "auprc": 0.528},
+    {**_PHANTOMS, "method": "heal/hd", "map": "flip_entropy", "auroc": 0.763, "auprc": 0.440},
+    {**_PHANTOMS, "method": "heal/hd", "map": "flip_variance", "auroc": 0.760, "auprc": 0.441},
+    {**_PHANTOMS, "method": "heal/hd", "map": "mahalanobis", "auroc": 0.570, "auprc": 0.268},
+    {**_PHANTOMS, "method": "heal/hd", "map": "label_disagreement", "auroc": 0.807, "auprc": 0.627},
+    {**_PHANTOMS, "method": "heal", "map": "entropy", "auroc": 0.760, "auprc": 0.434},
+    {**_PHANTOMS, "method": "heal", "map": "calibrated_entropy", "auroc": 0.765, "auprc": 0.443},
+    {**_PHANTOMS, "method": "heal", "map": "nig_variance", "auroc": 0.856, "auprc": 0.527},
+    {**_PHANTOMS, "method": "heal", "map": "flip_entropy", "auroc": 0.765, "auprc": 0.439},
+    {**_PHANTOMS, "method": "heal", "map": "flip_variance", "auroc": 0.762, "auprc": 0.440},
+    {**_PHANTOMS, "method": "heal", "map": "mahalanobis", "auroc": 0.574, "auprc": 0.269},
+    {**_PHANTOMS, "method": "heal", "map": "candidate_spread", "auroc": 0.636, "auprc": 0.287},
+    {**_PHANTOMS, "method": "heal", "map": "label_disagreement", "auroc": 0.805, "auprc": 0.623},
+    {**_PHANTOMS, "method": "gmm", "map": "entropy", "auroc": 0.768, "auprc": 0.281},
+    {**_PHANTOMS, "method": "gmm", "map": "calibrated_entropy", "auroc": 0.772, "auprc": 0.289},
+    {**_PHANTOMS, "method": "gmm", "map": "nig_variance", "auroc": 0.759, "auprc": 0.282},
+    {**_PHANTOMS, "method": "gmm", "map": "flip_entropy", "auroc": 0.766, "auprc": 0.283},
+    {**_PHANTOMS, "method": "gmm", "map": "flip_variance", "auroc": 0.756, "auprc": 0.266},
+    {**_PHANTOMS, "method": "gmm", "map": "mahalanobis", "auroc": 0.654, "auprc": 0.218},
+    {**_PHANTOMS, "method": "gmm", "map": "disagreement", "auroc": 0.772, "auprc": 0.280},
+    {**_PHANTOMS, "method": "gmm", "map": "label_disagreement", "auroc": 0.570, "auprc": 0.145},
+]
 
 DEFAULT_TABLE: dict[str, Any] = {"format": TABLE_FORMAT, "version": TABLE_VERSION, "entries": PHANTOM_ENTRIES}
 
