@@ -65,6 +65,9 @@ class SourceCheckpoint:
         prototypes: per-class Gaussian prototypes state (GMM) or None; see
             ``gmm.prototypes.ClassPrototypes.to_state``.
         provenance: training data description, versions, validation metrics, adaptations.
+        temperature: the temperature T fitted on labelled source cases
+            (``uncertainty.temperature``), applied to the probabilities of the uncertainty
+            maps; None when none was fitted (every checkpoint written before it existed).
     """
 
     classes: list[LabelClass]
@@ -74,6 +77,7 @@ class SourceCheckpoint:
     diffusion: Optional[DiffusionPart] = None
     prototypes: Optional[dict[str, Any]] = None
     provenance: dict[str, Any] = field(default_factory=dict)
+    temperature: Optional[float] = None
 
     @property
     def num_classes(self) -> int:
@@ -122,6 +126,7 @@ class SourceCheckpoint:
                 "schedule": to_dict(self.diffusion.schedule),
                 "intensity_scale": self.diffusion.intensity_scale},
             "provenance": self.provenance,
+            **({} if self.temperature is None else {"temperature": float(self.temperature)}),
         }
         payload = {
             "format": FORMAT_NAME,
@@ -195,7 +200,7 @@ class SourceCheckpoint:
                 f"'{source}' has damaged metadata ({type(error).__name__}: {error}). The file was "
                 "edited or written by an incompatible tool; re-export it with `sfuda train-source`.") from error
         ckpt = cls(classes, spec, seg_config, seg_state, diffusion, payload.get("prototypes"),
-                   meta.get("provenance", {}))
+                   meta.get("provenance", {}), meta.get("temperature"))
         ckpt.validate(source)
         return ckpt
 
@@ -243,6 +248,13 @@ class SourceCheckpoint:
                 self.build_diffusion_net("cpu")
             except (CheckpointError, InputError) as error:
                 raise CheckpointError(f"'{source}': {error}") from error
+        if self.temperature is not None:
+            from .uncertainty.temperature import check_temperature
+
+            try:
+                check_temperature(self.temperature, "stored temperature")
+            except InputError as error:
+                raise CheckpointError(f"'{source}': {error}") from error
         if self.prototypes is not None:
             from .gmm.prototypes import ClassPrototypes, check_compatible
 
@@ -264,6 +276,7 @@ class SourceCheckpoint:
             "segmentation_network": {**to_dict(self.seg_config), "parameters": n_seg},
             "diffusion_model": None,
             "prototypes": None,
+            "temperature": self.temperature,
             "provenance": self.provenance,
         }
         if self.diffusion is not None:

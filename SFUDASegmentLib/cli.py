@@ -370,6 +370,58 @@ def cmd_round_trip(args: argparse.Namespace, progress: Optional[ProgressReporter
     return summary
 
 
+def cmd_fit_temperature(args: argparse.Namespace, progress: Optional[ProgressReporter],
+                        outputs: OutputTransaction) -> dict[str, Any]:
+    from .checkpoint import SourceCheckpoint
+    from .config import InferenceConfig
+    from .data.io import read_image, read_label
+    from .uncertainty.temperature import fit_temperature
+
+    if not args.image or len(args.image) != len(args.label or []):
+        raise InputError("Give one --label per --image (labelled source cases the model was not trained on).")
+    outputs.add_inputs([args.checkpoint, *args.image, *args.label])
+    staged, staged_report = _stage_file_with_report(outputs, args.out)
+    checkpoint = SourceCheckpoint.load(args.checkpoint)
+    outputs.require_free_space(os.path.getsize(args.checkpoint), "the checkpoint")
+    allowed = {0} | {c.value for c in checkpoint.classes}
+    images = [read_image(p) for p in args.image]
+    labels = [read_label(p, allowed_values=allowed) for p in args.label]
+    fitted, fit = fit_temperature(checkpoint, images, labels, InferenceConfig(device=args.device),
+                                  max_voxels=args.max_voxels, seed=args.seed, progress=progress)
+    fitted.save(staged)
+    summary = {"checkpoint": args.out, **fit.report()}
+    outputs.write_json(staged_report, _report(args, **summary))
+    return summary
+
+
+def cmd_uncertainty(args: argparse.Namespace, progress: Optional[ProgressReporter],
+                    outputs: OutputTransaction) -> dict[str, Any]:
+    from .checkpoint import SourceCheckpoint
+    from .config import InferenceConfig
+    from .data.io import read_image
+    from .results.files import read_result, write_result_files
+    from .uncertainty.maps import add_uncertainty_maps
+    from .uncertainty.reliability import DEFAULT_TABLE, load_reliability_table
+
+    if not (Path(args.result) / "report.json").is_file():
+        raise InputError(f"'{args.result}' is not a result folder (no report.json); give the --out folder of "
+                         "`sfuda segment` or `sfuda adapt`.")
+    outputs.add_inputs([args.checkpoint, args.image, args.result, args.adapted, args.reliability])
+    folder = outputs.folder(args.out)
+    checkpoint = SourceCheckpoint.load(args.checkpoint)
+    adapted = SourceCheckpoint.load(args.adapted) if args.adapted else None
+    table = load_reliability_table(args.reliability) if args.reliability else DEFAULT_TABLE
+    result = read_result(args.result)
+    names = [n.strip() for n in args.maps.split(",") if n.strip()]
+    add_uncertainty_maps(result, read_image(args.image), checkpoint, names, adapted,
+                         InferenceConfig(device=args.device, batch_size=args.batch_size), table=table,
+                         target_modality=args.target_modality, progress=progress)
+    report = write_result_files(result, folder, input_path=args.image, checkpoint_path=args.checkpoint)
+    outputs.write_json(folder / "report.json", _report(args, **report))
+    return {"out": args.out, "maps": sorted(result.maps), "reliability": result.reliability,
+            "review_queue": result.review_queue}
+
+
 def cmd_diffuse_uda(args: argparse.Namespace, progress: Optional[ProgressReporter],
                     outputs: OutputTransaction) -> dict[str, Any]:
     from .config import InputSpec, parse_labels
@@ -707,6 +759,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=HEALConfig.steps, help="DDIM steps")
     p.add_argument("--batch-size", type=int, default=4, help="slices/windows per forward pass")
     p.add_argument("--seed", type=int, default=0, help="random seed")
+    device_arg(p)
+
+    p = command("fit-temperature", "fit the temperature of the model's probabilities on labelled source cases "
+                "(calibrates the uncertainty maps) into a new checkpoint", cmd_fit_temperature)
+    p.add_argument("--checkpoint", required=True, help="the .sfuda checkpoint (never modified)")
+    p.add_argument("--image", action="append", required=True,
+                   help="labelled source-modality case, ideally one the model was not trained on (repeat)")
+    p.add_argument("--label", action="append", required=True, help="its label map (repeat)")
+    p.add_argument("--out", required=True, help="new checkpoint, never the input (its report: <out>.report.json)")
+    p.add_argument("--max-voxels", type=int, default=200_000, help="body voxels used for the fit, in all")
+    p.add_argument("--seed", type=int, default=0, help="random seed")
+    device_arg(p)
+
+    p = command("uncertainty", "add uncertainty maps to a result folder, with its review queue and reliability "
+                "statement, written to a new folder", cmd_uncertainty)
+    p.add_argument("--checkpoint", required=True, help="the source checkpoint")
+    p.add_argument("--image", required=True, help="the scan the result was computed from")
+    p.add_argument("--result", required=True, help="the --out folder of `sfuda segment` or `sfuda adapt` (not modified)")
+    p.add_argument("--out", required=True, help="output folder, new or empty (holds report.json)")
+    p.add_argument("--maps", default="flip_entropy,flip_variance",
+                   help="comma-separated: calibrated_entropy, nig_variance, flip_entropy, flip_variance, "
+                        "mahalanobis, disagreement (GMM, needs --adapted), label_disagreement")
+    p.add_argument("--adapted", help="the adapted checkpoint of a GMM result (`adapt --save-adapted`)")
+    p.add_argument("--reliability", help="reliability table (JSON) to choose the map to show from")
+    p.add_argument("--target-modality", help="the scan's modality, e.g. FLAIR (for the reliability lookup)")
+    p.add_argument("--batch-size", type=int, default=4, help="slices/windows per forward pass")
     device_arg(p)
 
     p = command("diffuse-uda", "source side: ASCPlus + diffusion synthesis + retraining -> checkpoint",

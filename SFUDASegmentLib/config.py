@@ -281,6 +281,10 @@ class HEALConfig:
             has no marker voxel anywhere (see ``heal/component_reconstruction.py``).
         seed: sampling seed.
         amp: mixed precision on GPU.
+        candidate_spread: also segment all n candidates with the source model (n more
+            source inferences) and return the spread of those segmentations as the map
+            ``candidate_spread`` (``uncertainty/candidate_spread.py``); needs the diffusion
+            stages.
     """
 
     tau1: float = 0.2
@@ -312,6 +316,7 @@ class HEALConfig:
     orphan_classes: str = "keep"
     seed: int = 0
     amp: bool = True
+    candidate_spread: bool = False
 
 
 @dataclass

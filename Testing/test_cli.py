@@ -207,7 +207,7 @@ def test_evaluate_with_regions_and_json_equals_the_library(capsys, tmp_path):
     (None, "train-source"), ("train-source", "--labels"), ("segment", "--checkpoint"),
     ("adapt", "--method"), ("fit-prototypes", "--rho"), ("evaluate", "--regions"),
     ("info", "--json"), ("demo", "--out"), ("diffuse-uda", "--synthetic-scale"), ("synthesize", "--deform"),
-    ("devices", "--json"), ("round-trip", "--slices"),
+    ("devices", "--json"), ("round-trip", "--slices"), ("fit-temperature", "--max-voxels"), ("uncertainty", "--maps"),
 ])
 def test_help_of_every_subcommand_exits_0(capsys, command, option):
     with pytest.raises(SystemExit) as info:
@@ -221,4 +221,4 @@ def test_every_subcommand_is_covered_by_the_help_test():
     subparsers = next(a for a in parser._actions if a.dest == "command")
     assert set(subparsers.choices) == {"train-source", "segment", "adapt", "fit-prototypes",
                                        "evaluate", "info", "demo", "diffuse-uda", "synthesize",
-                                       "devices", "round-trip"}
+                                       "devices", "round-trip", "fit-temperature", "uncertainty"}

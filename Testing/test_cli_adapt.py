@@ -101,7 +101,7 @@ def test_adapt_heal_writes_every_map_in_the_input_geometry_and_a_report(capsys, 
     assert set(timings["peak_memory_mb"]) == set(timings["seconds"])
     assert all(v > 0 for v in timings["peak_memory_mb"].values())
     assert report["device"] == "cpu" == timings["device"]
-    assert report["heal"] == {"stages": "heal", "sampler": "ddim", "steps": 3, "candidates": 2, "seed": 4,
+    assert report["heal"] == {"stages": "heal", "denoise": HEALConfig.denoise, "sampler": "ddim", "steps": 3, "candidates": 2, "seed": 4,
                               "tau1": 0.2, "tau2": 0.2}
     # the files hold what the library computes with the same settings
     volume = read_image(files["volume"])
@@ -196,8 +196,8 @@ def test_adapt_gmm_saves_a_new_checkpoint_and_leaves_the_source_file(capsys, fil
     assert len(entry["loss_curve"]) == 5 and "gmm_adaptation" not in source.provenance
     assert any(not torch.equal(adapted.seg_state[k], source.seg_state[k]) for k in source.seg_state)
     assert adapted.prototypes is not None and adapted.diffusion is not None
-    assert sorted(p.name for p in out.iterdir()) == ["embeddings_pca.png", "entropy.nii.gz", "report.json",
-                                                     "segmentation.nii.gz"]
+    assert sorted(p.name for p in out.iterdir()) == ["disagreement.nii.gz", "embeddings_pca.png", "entropy.nii.gz",
+                                                     "report.json", "segmentation.nii.gz"]
     for path in out.glob("*.nii.gz"):
         assert_same_geometry(path, files["image_a"])
     report = json.loads((out / "report.json").read_text())
@@ -225,7 +225,8 @@ def test_adapt_gmm_with_several_images_writes_one_folder_each(capsys, files, tmp
     assert summary["method_choice"]["method"] == "gmm" and len(summary["cases"]) == 2
     for folder, image in zip(folders, ("image_a", "image_b")):
         assert {p.name for p in (out / folder).iterdir()} == {"segmentation.nii.gz", "entropy.nii.gz",
-                                                              "report.json", "embeddings_pca.png"}
+                                                              "disagreement.nii.gz", "report.json",
+                                                              "embeddings_pca.png"}
         assert_same_geometry(out / folder / "segmentation.nii.gz", files[image])
         assert json.loads((out / folder / "report.json").read_text())["input"] == str(files[image])
     assert [entry["out"] for entry in json.loads(stdout)] == [str(out / f) for f in folders]

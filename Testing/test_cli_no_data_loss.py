@@ -215,6 +215,25 @@ def test_an_empty_existing_folder_is_used_without_overwrite(capsys, work, tmp_pa
     assert_complete_segmentation(out, work)
 
 
+def test_a_parent_folder_another_process_makes_meanwhile_is_used(tmp_path, monkeypatch):
+    """Two torchrun ranks writing cohort images into one new folder: the rank that loses the race
+    to create it writes into it rather than failing (the CI failure of a two-process cohort)."""
+    shared = tmp_path / "cohort"
+    real_mkdir = Path.mkdir
+
+    def other_rank_first(self, *args, **kwargs):
+        if self == shared and not shared.exists():
+            real_mkdir(self)  # the other process wins between the existence check and mkdir
+        return real_mkdir(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", other_rank_first)
+    with staging.OutputTransaction() as outputs:
+        folder = outputs.folder(shared / "case_000")
+        (folder / "segmentation.txt").write_text("labels")
+    assert (shared / "case_000" / "segmentation.txt").read_text() == "labels"
+    assert sorted(p.name for p in shared.iterdir()) == ["case_000"]
+
+
 def test_an_existing_file_as_out_folder_is_refused(capsys, work, tmp_path):
     out = tmp_path / "notes.txt"
     out.write_text("mine")
@@ -709,7 +728,9 @@ def test_adapt_without_method_chooses_what_the_checkpoint_supports(capsys, work,
                        "--out", str(out), "--device", "cpu", "--candidates", "1", "--steps", "2",
                        "--iterations", "2")
     assert code == 0, err
-    assert one_line(err).startswith(f"adapt: method {method}, chosen because ")
+    choice, *warnings = err.strip("\n").split("\n")
+    assert choice.startswith(f"adapt: method {method}, chosen because ")
+    assert all(line.startswith("warning: ") for line in warnings)
     report = json.loads((out / "report.json").read_text())
     assert report["method"] == method
     assert report["method_choice"]["method"] == method and report["method_choice"]["chosen"] == "automatically"

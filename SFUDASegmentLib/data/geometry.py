@@ -10,8 +10,11 @@ SimpleITK/ITK stores them (physical LPS, x-first; ``direction`` row-major, lengt
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from typing import Sequence
 
 import numpy as np
+
+from ..errors import InputError
 
 
 @dataclass(frozen=True)
@@ -60,6 +63,28 @@ class Geometry:
         """JSON-friendly form."""
         return {"spacing": list(self.spacing), "origin": list(self.origin),
                 "direction": list(self.direction)}
+
+    def index_to_lps(self, index: Sequence[float]) -> tuple[float, ...]:
+        """Physical point (mm, LPS, x-first) of a continuous array index.
+
+        ``p = origin + direction @ diag(spacing_xyz) @ index_xyz`` with the array index given
+        in array order (``(z, y, x)`` in 3D, ``(y, x)`` in 2D): ITK's
+        ``TransformContinuousIndexToPhysicalPoint``.
+
+        Returns:
+            ``(x, y, z)`` in 3D, ``(x, y)`` in 2D.
+        """
+        if len(index) != self.ndim:
+            raise InputError(f"The index {tuple(index)} has {len(index)} values; a {self.ndim}D image needs "
+                             f"{self.ndim} (array order, z first).")
+        xyz = np.asarray(index, dtype=float)[::-1] * np.asarray(self.spacing, dtype=float)[::-1]
+        direction = np.asarray(self.direction, dtype=float).reshape(self.ndim, self.ndim)
+        return tuple(float(v) for v in np.asarray(self.origin, dtype=float) + direction @ xyz)
+
+
+def lps_to_ras(point: Sequence[float]) -> tuple[float, ...]:
+    """An LPS point as RAS (Slicer's convention): x and y change sign (2 or 3 values)."""
+    return tuple(-float(v) if axis < 2 else float(v) for axis, v in enumerate(point))
 
 
 @dataclass

@@ -24,6 +24,8 @@ from ..errors import CheckpointError, InputError
 from ..inference.preparation import PreparedInput, predict_indices, prepare_input
 from ..inference.segment import result_from_prediction
 from ..results.result import Result, structure_statistics
+from ..uncertainty.candidate_spread import candidate_spread, segment_candidates
+from ..uncertainty.review import review_uncertainty
 from ..utils.device import StageTimer, free_memory, map_in_chunks, resolve_device
 from ..utils.progress import ProgressReporter, report
 from .denoised_labels import check_denoise_config, denoised_labels
@@ -42,6 +44,9 @@ def check_heal_config(config: HEALConfig, checkpoint: SourceCheckpoint) -> None:
         raise InputError(f"stages must be one of {STAGES}, got '{config.stages}'.")
     check_denoise_config(config)
     if config.stages == "hd":
+        if config.candidate_spread:
+            raise InputError("The candidate spread needs the diffusion candidates; use stages 'hd+egs' or "
+                             "'heal', or turn candidate_spread off.")
         return
     if checkpoint.diffusion is None:
         raise CheckpointError(
@@ -237,7 +242,8 @@ def heal_adapt(volume: Volume, checkpoint: SourceCheckpoint, config: HEALConfig 
 
     Returns:
         Result with method ``"heal"``: final labels; source probabilities; maps ``entropy`` and
-        ``nig_variance`` (min-max normalised); label maps ``pseudo_labels`` (Y_T),
+        ``nig_variance`` (min-max normalised), and ``candidate_spread`` with
+        ``config.candidate_spread``; label maps ``pseudo_labels`` (Y_T),
         ``entropy_labels`` (Y_ent), ``refined_labels`` (the denoised labels of the chosen mode:
         Y* for ``"paper"``), ``nig_labels`` (Y*, with ``"components"``) and, past ``hd``,
         ``selected_segmentation`` (M_S(I_B)); the candidates in the input's intensity units,
@@ -268,11 +274,15 @@ def heal_adapt(volume: Volume, checkpoint: SourceCheckpoint, config: HEALConfig 
         report(progress, "denoising", 1.0, "hierarchical denoising done")
     warnings = [w for w in (round_trip_warning(checkpoint.provenance),) if w] if config.stages != "hd" else []
     final = refined
-    egs = None
+    egs, spread = None, None
     if config.stages != "hd":
         egs = edge_guided_segmentation(checkpoint, prepared, refined, config, inference, device, model,
                                        timer, progress)
         final = egs.segmentation
+        if config.candidate_spread:
+            with timer.stage("candidate_spread"):
+                spread = candidate_spread(segment_candidates(model, egs.candidates, spec, k, inference, device,
+                                                             egs.rendered_slices), k)
         if config.stages == "heal":
             with timer.stage("fusion"):
                 final = size_aware_fusion(refined, egs.segmentation, k).labels
@@ -282,6 +292,8 @@ def heal_adapt(volume: Volume, checkpoint: SourceCheckpoint, config: HEALConfig 
         result = result_from_prediction("heal", checkpoint, prepared, final, probs)
         result.maps["nig_variance"] = prepared.to_input_grid(
             grid(denoised.variance_normalized), is_label=False).astype(np.float32)
+        if spread is not None:
+            result.maps["candidate_spread"] = prepared.to_input_grid(spread, is_label=False).astype(np.float32)
         intermediates = [("pseudo_labels", grid(denoised.pseudo)), ("entropy_labels", grid(denoised.y_ent)),
                          ("refined_labels", refined)]
         if config.denoise != "paper":
@@ -306,6 +318,7 @@ def heal_adapt(volume: Volume, checkpoint: SourceCheckpoint, config: HEALConfig 
                                 "tau1": config.tau1, "tau2": config.tau2}
         result.extra["denoising"] = summary
         result.extra["warnings"] = warnings
+        review_uncertainty(result, spec.modality, prepared.to_input_grid(prepared.foreground, True))
     result.timings = timer.to_dict()
     return result
 

@@ -19,6 +19,8 @@ from ..data.labels import indices_to_values
 from ..errors import InputError
 from ..results.result import Result, structure_statistics
 from ..uncertainty.entropy import voxel_entropy
+from ..uncertainty.review import review_uncertainty
+from ..uncertainty.temperature import apply_temperature
 from ..utils.device import StageTimer, free_memory, resolve_device
 from ..utils.progress import ProgressReporter
 from .preparation import PreparedInput, predict_indices, prepare_input
@@ -57,6 +59,7 @@ def segment(checkpoint: SourceCheckpoint, volume: Volume, config: InferenceConfi
     free_memory(device)
     with timer.stage("postprocess"):
         result = result_from_prediction("none", checkpoint, prepared, indices, probs)
+        review_uncertainty(result, checkpoint.input_spec.modality, prepared.to_input_grid(prepared.foreground, True))
     result.timings = timer.to_dict()
     return result
 
@@ -64,6 +67,9 @@ def segment(checkpoint: SourceCheckpoint, volume: Volume, config: InferenceConfi
 def result_from_prediction(method: str, checkpoint: SourceCheckpoint, prepared: PreparedInput,
                            indices: np.ndarray, probabilities: Optional[np.ndarray]) -> Result:
     """Build a Result on the input grid from network-grid class indices and probabilities.
+
+    Maps (with probabilities): ``entropy`` and, when the checkpoint has a fitted temperature,
+    ``calibrated_entropy`` (the entropy of the temperature-scaled probabilities).
 
     Args:
         indices: ``(Z, Y, X)`` class indices on the network grid.
@@ -74,6 +80,9 @@ def result_from_prediction(method: str, checkpoint: SourceCheckpoint, prepared: 
     if probabilities is not None:
         input_probs = prepared.to_input_grid(probabilities, is_label=False).astype(probabilities.dtype)
         maps["entropy"] = prepared.to_input_grid(voxel_entropy(probabilities), is_label=False).astype(np.float32)
+        if checkpoint.temperature is not None:
+            calibrated = voxel_entropy(apply_temperature(probabilities, checkpoint.temperature))
+            maps["calibrated_entropy"] = prepared.to_input_grid(calibrated, is_label=False).astype(np.float32)
     labels = indices_to_values(prepared.to_input_grid(indices, is_label=True), checkpoint.classes)
     return Result(method=method, labels=labels, classes=list(checkpoint.classes),
                   geometry=prepared.input_geometry, probabilities=input_probs, maps=maps,

@@ -124,7 +124,8 @@ def read_result(out_dir: str | Path) -> Result:
     if report.get("candidates"):
         candidates = np.stack([load(f"candidate_{i:02d}") for i in range(int(report["candidates"]))])
     known = {"method", "classes", "geometry", "shape", "maps", "label_maps", "candidates",
-             "candidate_scores", "selected_index", "structure_stats", "timings"}
+             "candidate_scores", "selected_index", "structure_stats", "timings", "review_queue",
+             "reliability"}
     return Result(method=report["method"], labels=segmentation.array, classes=classes,
                   geometry=segmentation.geometry,
                   maps={name: load(name) for name in report["maps"]},
@@ -132,4 +133,6 @@ def read_result(out_dir: str | Path) -> Result:
                   candidates=candidates, candidate_scores=list(report["candidate_scores"]),
                   selected_index=report["selected_index"],
                   structure_stats=report["structure_stats"], timings=report["timings"],
-                  extra={k: v for k, v in report.items() if k not in known})
+                  extra={k: v for k, v in report.items() if k not in known},
+                  review_queue=list(report.get("review_queue", [])),
+                  reliability=dict(report.get("reliability", {})))

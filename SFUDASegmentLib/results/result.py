@@ -39,6 +39,11 @@ class Result:
         structure_stats: one dict per class: ``name``, ``value``, ``voxels``, ``volume_ml``
             (area mm^2 for 2D), ``mean_entropy`` and, when present, ``mean_nig_variance``.
         timings: per-stage seconds and peak memory (``StageTimer.to_dict()``).
+        review_queue: the regions most likely to be wrong, best first (one dict per region,
+            see ``uncertainty/review_queue.py``); empty without an uncertainty map.
+        reliability: the map a reader should look at and how far to trust it (``map``,
+            ``auroc``, ``text``, ``warnings``..., see ``uncertainty/reliability.py``); empty
+            until :func:`~SFUDASegmentLib.uncertainty.review.review_uncertainty` ran.
         extra: method-specific report entries (SWD before/after, loss curve, ...).
     """
 
@@ -55,6 +60,8 @@ class Result:
     structure_stats: list[dict[str, Any]] = field(default_factory=list)
     timings: dict[str, Any] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
+    review_queue: list[dict[str, Any]] = field(default_factory=list)
+    reliability: dict[str, Any] = field(default_factory=dict)
 
     def report(self) -> dict[str, Any]:
         """JSON-friendly summary (no arrays): what ``report.json`` holds."""
@@ -70,6 +77,8 @@ class Result:
             "selected_index": self.selected_index,
             "structure_stats": self.structure_stats,
             "timings": self.timings,
+            "review_queue": self.review_queue,
+            "reliability": self.reliability,
             **self.extra,
         }
 

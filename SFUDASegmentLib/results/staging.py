@@ -336,7 +336,10 @@ def _move_into_place(target: _Target, overwrite: bool, undo: list[Callable[[], N
 
 
 def _make_folders(folder: Path) -> list[Path]:
-    """``mkdir -p folder``; returns the folders it created, outermost first."""
+    """``mkdir -p folder``; returns the folders this call created, outermost first.
+
+    A folder another process creates meanwhile is used, not reported as created.
+    """
     missing = []
     while not folder.exists():
         missing.append(folder)
@@ -345,6 +348,11 @@ def _make_folders(folder: Path) -> list[Path]:
     for path in reversed(missing):
         try:
             path.mkdir()
+        except FileExistsError:
+            if path.is_dir():
+                continue  # another process (a torchrun rank) made it first: not ours to remove
+            _remove_created(created)
+            raise
         except OSError:
             _remove_created(created)
             raise
