@@ -139,6 +139,7 @@ def cmd_train_source(args: argparse.Namespace, progress: Optional[ProgressReport
     from .config import DiffusionTrainingConfig, InputSpec, TrainingConfig, parse_labels
     from .data.io import read_image, read_label
     from .diffusion.training import diffusion_defaults, parse_diffusion_widths, widths_to_base_and_multipliers
+    from .heal.diffusion_quality import ROUND_TRIP_KEY, round_trip_warning
     from .nets.unet import ResidualUNet
     from .training.segmentation import default_diffusion_config, default_seg_config, train_source
     from .utils.distributed import environment_rank, process_group
@@ -190,7 +191,8 @@ def cmd_train_source(args: argparse.Namespace, progress: Optional[ProgressReport
         outcome = train_source(volumes, label_maps, classes, spec, config, seg_config, diffusion, diffusion_net,
                                progress=progress if distributed.is_main else None,
                                case_names=[Path(p).name for p in images], distributed=distributed,
-                               resume_path=state_path if args.resume else None)
+                               resume_path=state_path if args.resume else None,
+                               round_trip_slices=args.round_trip_slices)
     if not distributed.is_main:
         return None
     checkpoint = outcome.checkpoint
@@ -205,9 +207,11 @@ def cmd_train_source(args: argparse.Namespace, progress: Optional[ProgressReport
         checkpoint = fit_prototypes(checkpoint, volumes, label_maps, GMMConfig(rho=args.rho, seed=args.seed),
                                     device=args.device, progress=progress)
     checkpoint.save(staged)
-    for warning in outcome.warnings:
+    trip_warning = round_trip_warning(checkpoint.provenance) if ROUND_TRIP_KEY in checkpoint.provenance else None
+    for warning in [*outcome.warnings, *([trip_warning] if trip_warning else [])]:
         print(f"warning: {warning}", file=sys.stderr)
     summary = {"checkpoint": str(out), "best_epoch": outcome.best_epoch,
+               ROUND_TRIP_KEY: checkpoint.provenance.get(ROUND_TRIP_KEY), "round_trip_warning": trip_warning,
                "validation_mean_dice": outcome.best_val_dice,
                "validation": checkpoint.provenance["validation"], "warnings": outcome.warnings,
                "timings": outcome.timings, "history": outcome.history}
@@ -673,6 +677,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="diffusion U-Net width per level (multiples of the first), as for diffuse-uda; "
                         "default: 16,32,32 with one residual block a level on CPU, 64,64,128,192,256 with two "
                         "on GPU (Med-DDPM's)")
+    p.add_argument("--round-trip-slices", type=int, default=8,
+                   help="with --diffusion: the diffusion model is trained without the held-out validation cases "
+                        "and its round trip (renderings segmented again) is measured on this many of their "
+                        "slices and stored in the card; 0: skip it and train the diffusion model on every case")
     p.add_argument("--prototypes", action="store_true", help="also fit the GMM class prototypes (GMM adaptation)")
     p.add_argument("--rho", type=float, default=0.97, help="with --prototypes: confidence threshold of the voxels they are fitted on")
     p.add_argument("--resume", action="store_true", help="resume an interrupted run (state file beside --out)")

@@ -17,11 +17,13 @@ import torch
 
 from SFUDASegmentLib import cli
 from SFUDASegmentLib.checkpoint import SourceCheckpoint
-from SFUDASegmentLib.config import InferenceConfig
+from SFUDASegmentLib.config import HEALConfig, InferenceConfig
 from SFUDASegmentLib.data.io import read_image, write_image
 from SFUDASegmentLib.data.synthetic import make_phantom_set
 from SFUDASegmentLib.diffusion.training import (CPU_DIFFUSION_DEFAULTS, GPU_DIFFUSION_DEFAULTS, diffusion_defaults,
                                                 parse_diffusion_widths)
+from SFUDASegmentLib.heal.diffusion_quality import ROUND_TRIP_KEY, round_trip_warning
+from SFUDASegmentLib.heal.round_trip import diffusion_round_trip
 from SFUDASegmentLib.inference.preparation import prepare_input
 from SFUDASegmentLib.inference.segment import segment
 from SFUDASegmentLib.training.segmentation import VALIDATION_ON_TRAINING
@@ -82,6 +84,49 @@ def test_the_cpu_defaults_are_used_and_recorded(capsys, pairs, tmp_path):
     assert widths == CPU_DIFFUSION_DEFAULTS.widths == (16, 32, 32) and net.num_res_blocks == 1
     assert checkpoint.provenance["diffusion_training"]["defaults"]["overridden"] == ["iterations"]
     assert checkpoint.provenance["diffusion_training"]["defaults"]["device"] == "cpu"
+
+
+@pytest.mark.parametrize("slices", [2, 0])
+def test_the_round_trip_on_held_out_cases_is_stored_and_read_back(capsys, pairs, tmp_path, monkeypatch, slices):
+    """train-source --diffusion trains the diffusion model without the held-out validation case,
+    renders that case's slices from its labels and stores the round trip in the card; the figure
+    equals one measured afterwards on the same case with the same settings, and ``info`` shows it.
+    With --round-trip-slices 0 nothing is measured and the diffusion model trains on every case."""
+    import SFUDASegmentLib.diffusion.training as diffusion_training
+
+    trained_on = []
+    real_train = diffusion_training.train_diffusion
+
+    def counting_train(samples, *args, **kwargs):
+        trained_on.append(len(samples))
+        return real_train(samples, *args, **kwargs)
+
+    monkeypatch.setattr(diffusion_training, "train_diffusion", counting_train)
+    out = tmp_path / "r.sfuda"
+    code, stdout, err = run(capsys, "train-source", *TINY, *pairs, "--patch-size", "48,48", "--diffusion",
+                            "--diffusion-channels", "8,16", "--diffusion-iterations", "2",
+                            "--round-trip-slices", str(slices), "--out", str(out))
+    assert code == 0, err
+    checkpoint = SourceCheckpoint.load(out)
+    held_out = checkpoint.provenance["validation_cases"]
+    assert len(held_out) == 1 and checkpoint.provenance["validation"] != VALIDATION_ON_TRAINING
+    if slices == 0:
+        assert trained_on == [3] and ROUND_TRIP_KEY not in checkpoint.provenance
+        assert json.loads(stdout)[ROUND_TRIP_KEY] is None
+        return
+    assert trained_on == [2]
+    stored = checkpoint.provenance[ROUND_TRIP_KEY]
+    assert stored["cases"] == held_out and stored["slices"] == 1 and stored["candidates"] == 4
+    index = [f"p{i}.nii.gz" for i in range(3)].index(held_out[0])
+    image, labels = read_image(pairs[4 * index + 1]), read_image(pairs[4 * index + 3])
+    again = diffusion_round_trip(checkpoint, [image], [labels], HEALConfig(candidates=4), InferenceConfig(device="cpu"),
+                                 slices, held_out)
+    assert again["round_trip_dice"] == pytest.approx(stored["round_trip_dice"])
+    assert again["source_dice"] == pytest.approx(stored["source_dice"])
+    assert json.loads(stdout)[ROUND_TRIP_KEY] == stored
+    assert ("far below" in err) == (round_trip_warning(checkpoint.provenance) is not None)
+    code, shown, _ = run(capsys, "info", str(out))
+    assert code == 0 and f"diffusion round trip: mean Dice {stored['round_trip_dice']:.3f}" in shown
 
 
 def test_defaults_follow_the_device_and_the_help_names_them():

@@ -142,6 +142,7 @@ class SegmentationTraining:
             fit to the training data, not how the model does on unseen cases.
         validation_items: slices or windows (or whole cases) predicted per validation.
         validation_unit: what they are: ``"slices"``, ``"windows"`` or ``"cases"``.
+        validation_indices: positions of the validation cases in the list trained on.
     """
 
     state: dict[str, torch.Tensor]
@@ -152,6 +153,7 @@ class SegmentationTraining:
     validation_held_out: bool = True
     validation_items: int = 0
     validation_unit: str = "slices"
+    validation_indices: list[int] = field(default_factory=list)
 
     def timings(self) -> dict[str, Any]:
         """Seconds and rates over every epoch of the run (resumed epochs included).
@@ -342,8 +344,10 @@ def train_segmentation(cases: list[TrainingCase], spec: InputSpec, seg_config: S
             _save_state(Path(resume_path), {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                                             "best_state": best_state, "best_score": best_score,
                                             "best_epoch": best_epoch, "epoch": epoch + 1, "history": history})
+    validation_ids = {id(c) for c in val_cases}
     return SegmentationTraining(best_state, history, best_epoch, best_score, [c.name for c in val_cases],
-                                held_out, len(sample.items), sample.unit)
+                                held_out, len(sample.items), sample.unit,
+                                [i for i, c in enumerate(cases) if id(c) in validation_ids])
 
 
 VALIDATION_HELD_OUT = "held-out case(s)"
@@ -361,7 +365,8 @@ def train_source(images: Sequence[Volume], labels: Sequence[Volume], classes: li
                  resume_path: Optional[Path] = None,
                  case_names: Optional[Sequence[str]] = None,
                  data_description: str = "",
-                 distributed: DistributedContext = SINGLE_PROCESS) -> TrainingOutcome:
+                 distributed: DistributedContext = SINGLE_PROCESS,
+                 round_trip_slices: int = 8) -> TrainingOutcome:
     """Train a source model (and optionally its diffusion model) and build the checkpoint.
 
     Args:
@@ -381,10 +386,16 @@ def train_source(images: Sequence[Volume], labels: Sequence[Volume], classes: li
         data_description: free text stored in the provenance.
         distributed: this process's place in a torchrun group (see :func:`train_segmentation`);
             every process returns the same checkpoint, rank 0 alone should write it.
+        round_trip_slices: with ``diffusion`` and held-out validation cases, the diffusion model
+            is trained without those cases and its round trip (``heal/round_trip.py``) is measured
+            on up to this many of their slices (2D; a 3D model renders the cases whole) and
+            recorded in the card; 0 skips it (the diffusion model then trains on every case).
 
     Returns:
         :class:`TrainingOutcome`; its provenance records seconds and rates
-        (``provenance["timings"]``) and what the validation ran on (``provenance["validation"]``).
+        (``provenance["timings"]``), what the validation ran on (``provenance["validation"]``)
+        and, when measured, the diffusion round trip (``provenance["diffusion_round_trip"]``,
+        on rank 0 only under torchrun).
 
     Raises:
         InputError: mismatched lists, bad images or labels (see ``preparation``).
@@ -401,6 +412,7 @@ def train_source(images: Sequence[Volume], labels: Sequence[Volume], classes: li
     timings: dict[str, Any] = {"segmentation": run.timings()}
     part = None
     diffusion_record = None
+    round_trip_cases: list[int] = []
     if diffusion is not None:
         from ..diffusion.training import (diffusion_defaults, image_to_unit_range, train_diffusion,
                                           widths_to_base_and_multipliers)
@@ -410,10 +422,12 @@ def train_source(images: Sequence[Volume], labels: Sequence[Volume], classes: li
             diffusion_config = default_diffusion_config(spec, num_classes, *widths_to_base_and_multipliers(defaults.widths),
                                                         defaults.num_res_blocks)
         scale = 3.0
+        round_trip_cases = run.validation_indices if run.validation_held_out and round_trip_slices > 0 else []
         samples = []
-        while cases:  # each case's image is released once its [-1, 1] copy exists
-            case = cases.pop(0)
-            samples.append((image_to_unit_range(case.image, scale), case.labels, case.foreground))
+        for i in range(len(cases)):  # each case's image is released once its [-1, 1] copy exists
+            case, cases[i] = cases[i], None
+            if i not in round_trip_cases:
+                samples.append((image_to_unit_range(case.image, scale), case.labels, case.foreground))
         if spec.dims == "3d":
             patch = tuple(spec.patch_size)
         else:
@@ -442,8 +456,30 @@ def train_source(images: Sequence[Volume], labels: Sequence[Volume], classes: li
                      "python": platform.python_version()},
     }
     checkpoint = SourceCheckpoint(classes, spec, seg_config, run.state, part, None, provenance)
+    if part is not None and round_trip_cases and distributed.is_main:
+        started = time.perf_counter()
+        checkpoint = _with_held_out_round_trip(checkpoint, [images[i] for i in round_trip_cases],
+                                               [labels[i] for i in round_trip_cases],
+                                               [names[i] for i in round_trip_cases], round_trip_slices,
+                                               diffusion.device, progress)
+        timings["round_trip_seconds"] = time.perf_counter() - started
     return TrainingOutcome(checkpoint, run.history, run.best_epoch, run.best_val_dice, run.validation_cases,
                            run.validation_held_out, warnings, timings)
+
+
+def _with_held_out_round_trip(checkpoint: SourceCheckpoint, images: list[Volume], labels: list[Volume],
+                              names: list[str], slices: int, device: str,
+                              progress: Optional[ProgressReporter]) -> SourceCheckpoint:
+    """The checkpoint with its diffusion round trip on held-out cases in the card.
+
+    The rendering uses HEAL's default sampler and steps with fewer candidates (4) than an
+    adaptation, to keep the training's extra time small; ``sfuda round-trip`` measures it again
+    with any setting."""
+    from ..config import HEALConfig, InferenceConfig
+    from ..heal.round_trip import with_round_trip
+
+    return with_round_trip(checkpoint, images, labels, HEALConfig(candidates=4), InferenceConfig(device=device),
+                           slices, names, progress)
 
 
 def _version() -> str:
