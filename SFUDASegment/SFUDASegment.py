@@ -205,9 +205,11 @@ class SFUDASegmentParameterNode:
     healDenoise - its denoising mode (the library's default).
     gmmIterations, gmmLambda - GMM-adapted inference (SFS code defaults); gmmGuard - the
     agreement below which the source segmentation is kept (the library's default).
-    overlayMap, overlayOpacity - the coloured foreground shown over the input;
+    overlayMap, overlayOpacity - the coloured foreground shown over the input ("recommended":
+    the map the result names as the one that finds its errors best, named in the legend);
     overlayThreshold - the fraction of the map's range below which it is transparent.
-    resultInput ... statistics - the nodes of the last result (filled by the panel).
+    resultInput ... reviewQueue - the nodes of the last result (filled by the panel);
+    recommendedMap is the recommended map's node, reviewQueue the table of regions to check.
     """
 
     inputVolume: vtkMRMLScalarVolumeNode
@@ -225,7 +227,7 @@ class SFUDASegmentParameterNode:
     gmmIterations: Annotated[int, WithinRange(1, 100000)] = 100
     gmmLambda: Annotated[float, WithinRange(0.0, 10.0)] = 0.5
     gmmGuard: Annotated[float, WithinRange(0.0, 1.0)] = 0.0
-    overlayMap: Annotated[str, Choice(["entropy", "nig_variance", "candidate"])] = "entropy"
+    overlayMap: Annotated[str, Choice(["recommended", "entropy", "nig_variance", "candidate"])] = "recommended"
     overlayOpacity: Annotated[float, WithinRange(0.0, 1.0)] = 0.5
     overlayThreshold: Annotated[float, WithinRange(0.0, 1.0)] = 0.1
     resultInput: vtkMRMLScalarVolumeNode
@@ -236,6 +238,9 @@ class SFUDASegmentParameterNode:
     candidateBrowser: vtkMRMLSequenceBrowserNode
     candidateScores: vtkMRMLTableNode
     statistics: vtkMRMLTableNode
+    recommendedMap: vtkMRMLScalarVolumeNode
+    recommendedMapName: str = ""
+    reviewQueue: vtkMRMLTableNode
 
 
 def _dicomModality(volumeNode: Any) -> Optional[str]:
@@ -305,6 +310,7 @@ class SFUDASegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
         self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
+        self.ui.reviewQueueTableView.connect("clicked(QModelIndex)", self._jumpToReviewRegion)
 
         self.ui.progressBar.setValue(0)
         self.ui.stageLabel.text = ""
@@ -565,7 +571,7 @@ class SFUDASegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 with slicer.util.tryWithErrorDisplay("The results could not be loaded.",
                                                      waitCursor=True):
                     nodes = self.logic.finishJob(job, self._jobInput)
-                    self._storeResult(nodes, self._jobInput)
+                    self._storeResult(nodes, self._jobInput, self.logic.lastResultReliability)
                     self._showResultNotes(self.logic.lastResultNotes)
                     self._progress.finish()
                     self.ui.progressBar.setValue(PROGRESS_STEPS)
@@ -605,11 +611,13 @@ class SFUDASegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._updateApplyButton()
 
     # ------------------------------------------------------------------ review
-    def _storeResult(self, nodes: dict, inputVolume: Any) -> None:
-        """Remember the result's nodes in the parameter node (saved with the scene)."""
+    def _storeResult(self, nodes: dict, inputVolume: Any, reliability: dict) -> None:
+        """Remember the result's nodes in the parameter node (saved with the scene); the overlay
+        returns to the map the result recommends."""
         p = self._parameterNode
         if p is None:
             return
+        recommended = support.recommended_map_key(reliability, nodes)
         with slicer.util.NodeModify(p.parameterNode):
             p.resultInput = inputVolume
             p.segmentation = nodes.get("segmentation")
@@ -619,16 +627,28 @@ class SFUDASegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             p.candidateBrowser = nodes.get("candidate_browser")
             p.candidateScores = nodes.get("candidate_scores")
             p.statistics = nodes.get("statistics")
-            if self._overlayNode() is None:
-                p.overlayMap = "entropy"
+            p.reviewQueue = nodes.get("review_queue")
+            p.recommendedMap = nodes.get(recommended) if recommended else None
+            p.recommendedMapName = reliability.get("map", "") if recommended else ""
+            p.overlayMap = "recommended" if recommended else "entropy"
         self._overlayKey = None
         self._updateReview()
 
     def _overlayNode(self) -> Any:
         """The node chosen as coloured foreground (None when the result has no such layer)."""
         p = self._parameterNode
-        return {"entropy": p.entropyMap, "nig_variance": p.nigVarianceMap,
+        return {"recommended": p.recommendedMap, "entropy": p.entropyMap, "nig_variance": p.nigVarianceMap,
                 "candidate": p.candidateImage}.get(p.overlayMap)
+
+    def _jumpToReviewRegion(self, index: Any) -> None:
+        """A click on a row of the review queue: every slice view goes to that region."""
+        p = self._parameterNode
+        if p is None or p.reviewQueue is None:
+            return
+        with slicer.util.tryWithErrorDisplay("Could not go to the region.", waitCursor=False):
+            from SFUDASegmentLib.slicer_bridge.review_queue_nodes import jump_slices_to_row
+
+            jump_slices_to_row(p.reviewQueue, index.row(), p.resultInput)
 
     def _updateReview(self) -> None:
         """Tables, candidate browser, overlay (transparent below the threshold), legend and
@@ -637,11 +657,12 @@ class SFUDASegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if p is None:
             return
         reviewKey = tuple(n.GetID() if n is not None else None
-                          for n in (p.candidateScores, p.statistics, p.candidateBrowser))
+                          for n in (p.candidateScores, p.statistics, p.candidateBrowser, p.reviewQueue))
         if reviewKey != self._reviewKey:
             self._reviewKey = reviewKey
             self.ui.candidateTableView.setMRMLTableNode(p.candidateScores)
             self.ui.statisticsTableView.setMRMLTableNode(p.statistics)
+            self.ui.reviewQueueTableView.setMRMLTableNode(p.reviewQueue)
             self.ui.candidateSeekWidget.setMRMLSequenceBrowserNode(p.candidateBrowser)
         overlay = self._overlayNode()
         overlayKey = (p.resultInput.GetID() if p.resultInput else None,
@@ -650,12 +671,11 @@ class SFUDASegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if overlayKey == self._overlayKey or p.resultInput is None:
             return
         self._overlayKey = overlayKey
-        isMap = p.overlayMap in support.OVERLAY_LEGEND_TITLES and overlay is not None
+        title = support.overlay_title(p.overlayMap, p.recommendedMapName) if overlay is not None else ""
         overlay_display.show_review(
-            p.resultInput, overlay, p.segmentation, p.overlayOpacity, p.overlayThreshold,
-            support.OVERLAY_LEGEND_TITLES.get(p.overlayMap, "") if isMap else "",
-            (p.entropyMap, p.nigVarianceMap))
-        self.ui.colorLegendLabel.text = _legendText(p.overlayMap, overlay, p.overlayThreshold)
+            p.resultInput, overlay, p.segmentation, p.overlayOpacity, p.overlayThreshold, title,
+            (p.entropyMap, p.nigVarianceMap, p.recommendedMap))
+        self.ui.colorLegendLabel.text = _legendText(p.overlayMap, overlay, p.overlayThreshold, p.recommendedMapName)
 
 
 def _relabel(comboBox: Any, values: tuple, labels: dict) -> None:
@@ -665,16 +685,17 @@ def _relabel(comboBox: Any, values: tuple, labels: dict) -> None:
             comboBox.setItemText(index, labels.get(value, value))
 
 
-def _legendText(choice: str, overlayNode: Any, hideBelow: float) -> str:
+def _legendText(choice: str, overlayNode: Any, hideBelow: float, recommended: str) -> str:
     """The colour legend of the overlay node (colour table, range, transparency threshold)."""
     if overlayNode is None:
-        return "This result has no such layer (HEAL writes NIG variance and candidates)."
+        return ("This result has no such layer (HEAL writes NIG variance and candidates; a result "
+                "recommends a map when it has one).")
     display = overlayNode.GetDisplayNode()
     colorNode = display.GetColorNode() if display is not None else None
     low, high = overlay_display.map_range(overlayNode)
     return support.overlay_legend_text(choice, low, high,
                                        colorNode.GetName() if colorNode is not None else "grey",
-                                       low + hideBelow * (high - low))
+                                       low + hideBelow * (high - low), recommended)
 
 
 def _escape(text: str) -> str:
@@ -712,6 +733,7 @@ class SFUDASegmentLogic(ScriptedLoadableModuleLogic):
         self.devices = DeviceInventory()
         self.stageSeconds = {}
         self.lastResultNotes = []
+        self.lastResultReliability = {}
         self._jobFolders = {}
 
     def getParameterNode(self) -> SFUDASegmentParameterNode:
@@ -818,7 +840,8 @@ class SFUDASegmentLogic(ScriptedLoadableModuleLogic):
 
         After a result is loaded, ``lastResultNotes`` holds what its report says a reader should
         know: ``(kind, text)`` pairs, the method's warnings first (see
-        ``panel_support.result_notes``).
+        ``panel_support.result_notes``), and ``lastResultReliability`` its reliability statement
+        (the map to review, its measured AUROC, the words for the reader).
 
         Returns:
             With ``waitForCompletion=True`` the new nodes by key (``segmentation``,
@@ -912,7 +935,8 @@ class SFUDASegmentLogic(ScriptedLoadableModuleLogic):
         from SFUDASegmentLib.slicer_bridge.terminology import class_terminology
 
         result = read_result(run.outDir)
-        self.lastResultNotes = support.result_notes(result.extra)
+        self.lastResultNotes = support.result_notes(result.extra, result.reliability)
+        self.lastResultReliability = dict(result.reliability)
         seconds = (result.timings or {}).get("seconds")
         if seconds:
             self.stageSeconds[run.method] = (dict(seconds), run.parameters)

@@ -112,3 +112,33 @@ def test_a_2d_queue_jumps_to_s_zero_and_an_empty_queue_gives_an_empty_table(mrml
         jump_slices_to_row(empty, 0)
     with pytest.raises(InputError, match="no centre"):
         region_center_ras({"rank": 1})
+
+
+def test_a_result_with_a_recommended_map_brings_its_queue_into_the_scene(mrml_scene):
+    """What the panel loads: add_result_to_scene adds the queue table beside the maps, the panel's
+    recommended overlay is that map's node, and a click on a row (jump_slices_to_row on the
+    table the result brought) moves the slice views to that region."""
+    from SFUDASegmentLib.results.result import Result
+    from SFUDASegmentLib.slicer_bridge import mrml, panel_support
+
+    u, queue = hand_queue()
+    labels = np.zeros(u.shape, np.uint8)
+    labels[4, 10:18, 10:18] = ORGAN.value
+    input_node = add_volume_node(Volume(np.zeros(u.shape, np.float32), OBLIQUE), "scan", mrml_scene)
+    views = add_slice_views(mrml_scene)
+    result = Result(method="none", labels=labels, classes=[ORGAN], geometry=OBLIQUE,
+                    maps={"entropy": u, "flip_entropy": u * 0.5}, review_queue=queue,
+                    reliability={"map": "flip_entropy", "text": "Measured on phantoms.", "warnings": []})
+    nodes = mrml.add_result_to_scene(result, input_node)
+    assert nodes["review_queue"].GetNumberOfRows() == len(queue) == 2
+    key = panel_support.recommended_map_key(result.reliability, nodes)
+    assert key == "map_flip_entropy" and nodes[key].GetName().endswith("_flip_entropy")
+    assert panel_support.overlay_title("recommended", "flip_entropy") == \
+        "Recommended: " + panel_support.OVERLAY_LEGEND_TITLES["flip_entropy"]
+    jump_slices_to_row(nodes["review_queue"], 1, input_node)
+    offsets_match(views, queue[1]["center_ras"])
+    # no recommended map (labels only): no queue table, the overlay falls back to entropy
+    bare = mrml.add_result_to_scene(Result(method="none", labels=labels, classes=[ORGAN], geometry=OBLIQUE),
+                                    input_node)
+    assert "review_queue" not in bare and panel_support.recommended_map_key({}, bare) is None
+    assert panel_support.recommended_map_key({"map": "mahalanobis"}, nodes) is None  # named but not loaded

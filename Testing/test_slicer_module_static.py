@@ -461,6 +461,13 @@ def test_result_notes_from_a_heal_and_a_gmm_report() -> None:
     kept = {"warnings": [], "guard": {"fired": False, "signals": {"foreground_agreement": 0.83}}}
     assert "Dice 0.83" in support.result_notes(kept)[0][1]
     assert support.result_notes({}) == []
+    reliability = {"map": "disagreement", "text": "The 'disagreement' overlay marks ...",
+                   "warnings": ["adapted entropy misleads"]}
+    assert support.result_notes(kept, reliability) == [
+        ("warning", "adapted entropy misleads"), ("info", "The 'disagreement' overlay marks ..."),
+        support.result_notes(kept)[0]]
+    legend = support.overlay_legend_text("recommended", 0.0, 1.0, "Inferno", None, "disagreement")
+    assert legend.startswith("Recommended: Source vs adapted disagreement, colour table Inferno")
 
 
 # ----------------------------------------------------------------------------- model card checks

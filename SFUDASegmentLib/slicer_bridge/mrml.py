@@ -577,7 +577,9 @@ def add_result_to_scene(result: Result, input_node: Any, base_name: Optional[str
         ``"label_map_<name>"`` (label map volume nodes) for ``result.label_maps``;
         ``"candidates"``, ``"candidate_browser"``, ``"candidate_proxy"`` (when the sequences
         logic made one) and ``"candidate_scores"`` (table: index, score, selected);
-        ``"statistics"`` (table of ``result.structure_stats``). When the input has a parent
+        ``"statistics"`` (table of ``result.structure_stats``); ``"review_queue"`` (table of
+        ``result.review_queue``, one row per region, when the result names a map to review;
+        no row: nothing above the map's review threshold). When the input has a parent
         transform, the new nodes are placed under it too. Their folder is
         ``run_folder.run_folder_of(nodes["segmentation"])``.
 
@@ -636,6 +638,11 @@ def add_result_to_scene(result: Result, input_node: Any, base_name: Optional[str
         if result.structure_stats:
             created["statistics"] = add_table_node(result.structure_stats, f"{base}_statistics",
                                                    scene)
+        if result.reliability.get("map"):
+            from .review_queue_nodes import add_review_queue_table
+
+            created["review_queue"] = add_review_queue_table(result.review_queue, f"{base}_review_queue",
+                                                             scene)
         transform_id = input_node.GetTransformNodeID()
         if transform_id:
             for node in created.values():

@@ -69,16 +69,48 @@ DENOISE_LABELS: dict[str, str] = {"components": "Components of the source labels
 
 #: Review overlays: panel choice -> key of the node dict of ``mrml.add_result_to_scene``.
 OVERLAY_NODE_KEYS: dict[str, str] = {
+    "recommended": "",  # the map the result names in its reliability statement (see recommended_map_key)
     "entropy": "map_entropy",
     "nig_variance": "map_nig_variance",
     "candidate": "candidate_proxy",
 }
-OVERLAY_LABELS: dict[str, str] = {"entropy": "Entropy", "nig_variance": "NIG variance",
-                                  "candidate": "Selected candidate"}
+OVERLAY_LABELS: dict[str, str] = {"recommended": "Recommended map", "entropy": "Entropy",
+                                  "nig_variance": "NIG variance", "candidate": "Selected candidate"}
 
-#: Title of each map's colour legend in the views.
-OVERLAY_LEGEND_TITLES: dict[str, str] = {"entropy": "Voxel entropy (bits)",
-                                         "nig_variance": "NIG variance (normalised)"}
+#: Title of each uncertainty map's colour legend in the views (every map a result can carry).
+OVERLAY_LEGEND_TITLES: dict[str, str] = {
+    "entropy": "Voxel entropy (bits)",
+    "nig_variance": "NIG variance (normalised)",
+    "calibrated_entropy": "Entropy of the temperature-scaled probabilities (bits)",
+    "flip_entropy": "Entropy over flipped inputs (bits)",
+    "flip_variance": "Variance over flipped inputs",
+    "mahalanobis": "Distance to the source class Gaussians",
+    "disagreement": "Source vs adapted disagreement",
+    "label_disagreement": "Labels changed by the adaptation",
+    "candidate_spread": "Spread of the candidates' segmentations",
+}
+
+
+def recommended_map_key(reliability: Mapping[str, Any], nodes: Mapping[str, Any]) -> Optional[str]:
+    """The node key (``"map_<name>"``) of the map a result recommends, when that node exists.
+
+    Args:
+        reliability: the result's reliability statement (``Result.reliability``).
+        nodes: the result's nodes by key (``mrml.add_result_to_scene``).
+    """
+    name = reliability.get("map")
+    key = f"map_{name}" if name else None
+    return key if key in nodes else None
+
+
+def overlay_title(choice: str, recommended: Optional[str]) -> str:
+    """The legend title of an overlay choice; ``recommended`` is the map name the result named,
+    said in the title so the reader knows which map the colours are."""
+    if choice == "recommended":
+        if not recommended:
+            return ""
+        return f"Recommended: {OVERLAY_LEGEND_TITLES.get(recommended, recommended)}"
+    return OVERLAY_LEGEND_TITLES.get(choice, "")
 
 
 # ----------------------------------------------------------------------------- command line
@@ -372,14 +404,14 @@ def devices_text(answer: Optional[Answer]) -> str:
 
 
 def overlay_legend_text(choice: str, low: float, high: float, color_table: str,
-                        hidden_below: Optional[float] = None) -> str:
-    """The colour legend of an overlay map: what it shows, what the colours mean, and below
-    which value it is transparent."""
+                        hidden_below: Optional[float] = None, recommended: Optional[str] = None) -> str:
+    """The colour legend of an overlay map: what it shows (for ``"recommended"``, the map the
+    result named), what the colours mean, and below which value it is transparent."""
     if choice == "candidate":
         return ("Selected HEAL candidate (source-style image rendered from the denoised labels; "
                 "slices without denoised labels are not rendered and stay blank); "
                 "browse the others with the slider below.")
-    what = OVERLAY_LEGEND_TITLES.get(choice, choice)
+    what = overlay_title(choice, recommended) or choice
     text = (f"{what}, colour table {color_table}: dark = {low:.3g} (confident) to "
             f"bright = {high:.3g} (uncertain).")
     if hidden_below is not None and hidden_below > low:
@@ -390,18 +422,25 @@ def overlay_legend_text(choice: str, low: float, high: float, color_table: str,
 # ----------------------------------------------------------------------------- result notes
 
 
-def result_notes(report: Mapping[str, Any]) -> list[tuple[str, str]]:
+def result_notes(report: Mapping[str, Any],
+                 reliability: Optional[Mapping[str, Any]] = None) -> list[tuple[str, str]]:
     """What a reader of a result should be told beside the images, from its ``report.json``
-    entries: the method's warnings, whether GMM's guard kept the source segmentation, and what
-    HEAL's denoising removed and kept per class (with the reminder that it cannot add structure).
+    entries: the method's warnings and the uncertainty map's (a map known to mislead), how far
+    the recommended map is to be trusted, whether GMM's guard kept the source segmentation, and
+    what HEAL's denoising removed and kept per class (with the reminder that it cannot add
+    structure).
 
     Args:
         report: the result's report entries (``Result.extra`` as read back by ``read_result``).
+        reliability: the result's reliability statement (``Result.reliability``).
 
     Returns:
         ``(kind, text)`` pairs, ``kind`` ``"warning"`` or ``"info"``, warnings first.
     """
-    notes = [("warning", str(w)) for w in report.get("warnings") or []]
+    reliability = reliability or {}
+    notes = [("warning", str(w)) for w in [*(report.get("warnings") or []), *(reliability.get("warnings") or [])]]
+    if reliability.get("text"):
+        notes.append(("info", str(reliability["text"])))
     guard = report.get("guard")
     if guard and not guard.get("fired"):
         notes.append(("info", f"GMM changed the foreground to Dice {guard['signals']['foreground_agreement']:.2f} "
