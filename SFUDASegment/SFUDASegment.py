@@ -221,8 +221,8 @@ class SFUDASegmentParameterNode:
     candidates: Annotated[int, WithinRange(1, 32)] = 6
     sampler: Annotated[str, Choice(["ddim", "ddpm"])] = "ddim"
     steps: Annotated[int, WithinRange(1, 1000)] = 50
-    healStages: Annotated[str, Choice(["heal", "hd+egs", "hd"])] = "heal"
-    healDenoise: Annotated[str, Choice(["components", "paper"])] = "paper"
+    healStages: Annotated[str, Choice(["heal", "hd+egs", "hd"])] = "hd"
+    healDenoise: Annotated[str, Choice(["components", "paper"])] = "components"
     seed: Annotated[int, WithinRange(0, 2147483647)] = 0
     gmmIterations: Annotated[int, WithinRange(1, 100000)] = 100
     gmmLambda: Annotated[float, WithinRange(0.0, 10.0)] = 0.5
@@ -445,7 +445,8 @@ class SFUDASegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self._card is not None and volume is not None and _volumeShape(volume):
             warnings += support.checkpoint_warnings(self._card, _volumeShape(volume),
                                                     volume.GetName(), _dicomModality(volume))
-        reason = support.method_unavailable_reason(self._card, self._parameterNode.method)
+        reason = support.method_unavailable_reason(self._card, self._parameterNode.method,
+                                                  self._parameterNode.healStages)
         if reason:
             warnings.append(reason)
         if self._torch.installed and not self._torch.ok:
@@ -476,7 +477,7 @@ class SFUDASegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return self._cardError
         if self._card is None and self._torch.installed:
             return "Reading the model card..."
-        return support.method_unavailable_reason(self._card, p.method)
+        return support.method_unavailable_reason(self._card, p.method, p.healStages)
 
     def _updateApplyButton(self) -> None:
         if self._job is not None:

@@ -287,8 +287,9 @@ class SourceCheckpoint:
             from .gmm.prototypes import ClassPrototypes
 
             card["prototypes"] = ClassPrototypes.from_state(self.prototypes).describe()
-        card["methods"] = ["none"] + (["heal"] if self.diffusion else []) + (
-            ["gmm"] if self.prototypes else [])
+        # HEAL's denoising needs only the source model; its diffusion stages need the diffusion model
+        card["methods"] = ["none", "heal"] + (["gmm"] if self.prototypes else [])
+        card["heal_stages"] = ["hd", "hd+egs", "heal"] if self.diffusion else ["hd"]
         return card
 
 

@@ -267,12 +267,15 @@ class HEALConfig:
         canny_low, canny_high: hysteresis thresholds as fractions of the [0, 1] range.
         canny_sigma: Gaussian smoothing before Canny (pixels); 0 disables it.
         edge_tolerance: r, dilation (voxels) of the condition's edges; 0 is the paper.
-        stages: ``"hd"`` (denoising only), ``"hd+egs"`` (+ edge-guided selection, the selected
-            sample segmented by the source model) or ``"heal"`` (full, with size-aware fusion).
-        denoise: ``"paper"`` (the denoised labels are ``Y*``, the voxels the NIG stage keeps, as
-            the paper and its code) or ``"components"`` (boundary-preserving: the connected
-            components of ``Y_T`` that hold a marker voxel are kept whole; see
-            ``heal/component_reconstruction.py``).
+        stages: ``"hd"`` (denoising only; the default), ``"hd+egs"`` (+ edge-guided selection,
+            the selected sample segmented by the source model) or ``"heal"`` (the paper's full
+            pipeline, with size-aware fusion). On the real-BraTS benchmark (README) the diffusion
+            stages lost to ``"hd"`` in every direction.
+        denoise: ``"components"`` (the default; boundary-preserving: the connected components of
+            ``Y_T`` that hold a marker voxel are kept whole; see
+            ``heal/component_reconstruction.py``) or ``"paper"`` (the denoised labels are ``Y*``,
+            the voxels the NIG stage keeps, as the paper and its code; on real BraTS scans it
+            erased nearly all of the tumour, see the README).
         component_markers: ``"entropy"`` (``Y_ent``, the conservative marker) or ``"nig"``
             (``Y*``) as the markers of ``"components"``.
         component_grouping: ``"class"`` (components per class) or ``"foreground"`` (components
@@ -309,8 +312,8 @@ class HEALConfig:
     canny_high: float = 0.2
     canny_sigma: float = 1.0
     edge_tolerance: int = 0
-    stages: str = "heal"
-    denoise: str = "paper"
+    stages: str = "hd"
+    denoise: str = "components"
     component_markers: str = "entropy"
     component_grouping: str = "class"
     orphan_classes: str = "keep"

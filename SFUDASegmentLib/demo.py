@@ -5,9 +5,12 @@
    trains one when it is not bundled (``--train``, or a pip install without the resources).
 2. Generates a *target*-modality phantom volume (the bundled ``phantom_target.nrrd`` is the same
    case) with known labels.
-3. Segments it without adaptation, with HEAL and with GMM-adapted inference.
+3. Segments it without adaptation, with HEAL (its default: the denoising alone), with HEAL's
+   diffusion stages (the paper's full pipeline) and with GMM-adapted inference.
 4. Writes the images, every segmentation and uncertainty map (NIfTI, input geometry), a PNG
-   overview of the middle slice and ``metrics.json`` (Dice and HD95 per structure and method).
+   overview of the middle slice and ``metrics.json`` (Dice and HD95 per structure and method,
+   each method's mean Dice minus no adaptation's, and one sentence per method that says plainly
+   whether it gained or lost on this scan).
 """
 
 from __future__ import annotations
@@ -115,6 +118,29 @@ def train_demo_checkpoint(settings: DemoSettings = DemoSettings(), device: str =
 
 _PANEL_SCALE = 3
 
+#: The demo's methods, in the order they run and are shown.
+DEMO_METHODS = ("none", "heal", "heal_diffusion", "gmm")
+METHOD_TITLES = {"none": "no adaptation", "heal": "HEAL (default: denoising)",
+                 "heal_diffusion": "HEAL + diffusion stages", "gmm": "GMM"}
+
+
+def verdicts(mean_dice: dict[str, float]) -> dict[str, str]:
+    """One plain sentence per adapted method: its mean Dice against no adaptation's.
+
+    Args:
+        mean_dice: method -> mean Dice (``"none"`` included).
+    """
+    base = mean_dice["none"]
+    out = {}
+    for name, value in mean_dice.items():
+        if name == "none":
+            continue
+        change = value - base
+        word = "gains" if change > 0.005 else "loses" if change < -0.005 else "changes nothing"
+        out[name] = (f"{METHOD_TITLES.get(name, name)} {word} on this demo scan: mean Dice {value:.3f} against "
+                     f"{base:.3f} without adaptation ({change:+.3f}).")
+    return out
+
 
 def _grey_panel(image: np.ndarray) -> np.ndarray:
     lo, hi = np.percentile(image, [1, 99])
@@ -136,7 +162,8 @@ def _map_panel(values: np.ndarray) -> np.ndarray:
 
 
 def overview_png(case: Phantom, results: dict[str, Result], scores: dict[str, float]) -> np.ndarray:
-    """Middle-slice overview: target, truth, each method, the uncertainty maps, the candidate.
+    """Middle-slice overview: target, truth, each method (titled with its mean Dice and the
+    change against ``"none"``), HEAL's uncertainty maps, the selected diffusion candidate.
 
     Returns:
         ``(H, W, 3)`` uint8 BGR image.
@@ -146,13 +173,15 @@ def overview_png(case: Phantom, results: dict[str, Result], scores: dict[str, fl
     colours = {c.value: c.color for c in case.classes}
     panels = [("target image", _grey_panel(image)), ("reference labels", _label_panel(image, case.labels.array[z], colours))]
     for name, result in results.items():
-        panels.append((f"{name} (Dice {scores[name]:.2f})", _label_panel(image, result.labels[z], colours)))
+        change = "" if name == "none" or "none" not in scores else f" {scores[name] - scores['none']:+.2f}"
+        panels.append((f"{name} {scores[name]:.2f}{change}", _label_panel(image, result.labels[z], colours)))
     heal = results.get("heal")
     if heal is not None:
         panels.append(("entropy", _map_panel(heal.maps["entropy"][z])))
         panels.append(("NIG variance", _map_panel(heal.maps["nig_variance"][z])))
-        if heal.candidates is not None and heal.selected_index is not None:
-            panels.append(("selected candidate", _grey_panel(heal.candidates[heal.selected_index][z])))
+    rendered = [r for r in results.values() if r.candidates is not None and r.selected_index is not None]
+    if rendered:
+        panels.append(("selected candidate", _grey_panel(rendered[0].candidates[rendered[0].selected_index][z])))
     tiles = []
     for title, panel in panels:
         big = cv2.resize(panel, None, fx=_PANEL_SCALE, fy=_PANEL_SCALE, interpolation=cv2.INTER_NEAREST)
@@ -237,15 +266,18 @@ def run_demo(out_dir: Path, quick: bool = False, device: str = "auto", train: bo
     case = demo_target(settings)
     inference = InferenceConfig(device=device)
     results: dict[str, Result] = {}
-    for name in ("none", "heal", "gmm"):
-        report(progress, "demo", len(results) / 3, f"running {name}", done=len(results), total=3,
+    total = len(DEMO_METHODS)
+    for name in DEMO_METHODS:
+        report(progress, "demo", len(results) / total, f"running {name}", done=len(results), total=total,
                unit="methods")
         t0 = time.perf_counter()
         if name == "none":
             results[name] = segment(checkpoint, case.target, inference, "probabilities", progress)
         elif name == "heal":
+            results[name] = heal_adapt(case.target, checkpoint, HEALConfig(), inference, progress)
+        elif name == "heal_diffusion":
             results[name] = heal_adapt(case.target, checkpoint,
-                                       HEALConfig(candidates=settings.candidates, steps=settings.steps),
+                                       HEALConfig(stages="heal", candidates=settings.candidates, steps=settings.steps),
                                        inference, progress)
         else:
             results[name] = gmm_adapt(case.target, checkpoint, GMMConfig(iterations=settings.gmm_iterations, lr=1e-4),
@@ -254,6 +286,7 @@ def run_demo(out_dir: Path, quick: bool = False, device: str = "auto", train: bo
     labels = {c.name: c.value for c in case.classes}
     metrics = {name: evaluate(r.labels, case.labels.array, case.labels.spacing, labels) for name, r in results.items()}
     mean_dice = {name: float(m["mean_dice"]) for name, m in metrics.items()}
+    said = verdicts(mean_dice)
     geometry = case.target.geometry
     write_image(case.target, folder / "target_image.nii.gz")
     write_image(case.source, folder / "same_case_in_source_modality.nii.gz")
@@ -268,17 +301,20 @@ def run_demo(out_dir: Path, quick: bool = False, device: str = "auto", train: bo
         raise OutputError(f"Could not write '{out_dir}/overview.png'. Check the folder and free space.")
     summary = {"checkpoint": origin, "target": {"shape": list(settings.shape), "gap": settings.gap,
                                                 "seed": settings.target_seed},
-               "mean_dice": mean_dice, "seconds": seconds, "metrics": metrics,
-               "heal": {"scores": results["heal"].candidate_scores,
-                        "selected": results["heal"].selected_index},
+               "mean_dice": mean_dice, "versus_none": {n: mean_dice[n] - mean_dice["none"] for n in said},
+               "verdicts": said, "seconds": seconds, "metrics": metrics,
+               "heal": {"settings": results["heal"].extra["heal"]},
+               "heal_diffusion": {"scores": results["heal_diffusion"].candidate_scores,
+                                  "selected": results["heal_diffusion"].selected_index,
+                                  "warnings": results["heal_diffusion"].extra["warnings"]},
                "gmm": {"swd_before": results["gmm"].extra["swd_before"],
                        "swd_after": results["gmm"].extra["swd_after"]}}
     outputs.write_json(folder / "metrics.json", summary)
     files = sorted(p.name for p in folder.iterdir()) + ["report.json"]
     outputs.write_json(folder / "report.json", {
-        **(report_extra or {}), "checkpoint": origin, "mean_dice": mean_dice, "seconds": seconds,
+        **(report_extra or {}), "checkpoint": origin, "mean_dice": mean_dice, "verdicts": said, "seconds": seconds,
         "files": files, "sample_data": None if sample_data_dir is None else [
             str(Path(sample_data_dir) / name) for name in SAMPLE_FILES],
         "versions": versions()})
-    report(progress, "demo", 1.0, "done", done=3, total=3, unit="methods")
-    return {k: summary[k] for k in ("checkpoint", "mean_dice", "seconds")} | {"out": str(out_dir)}
+    report(progress, "demo", 1.0, "done", done=total, total=total, unit="methods")
+    return {k: summary[k] for k in ("checkpoint", "mean_dice", "verdicts", "seconds")} | {"out": str(out_dir)}

@@ -94,7 +94,7 @@ def test_describe_is_the_model_card(saved):
     assert seg["channels"] == (4, 8) and seg["out_channels"] == 4 and seg["spatial_dims"] == 3
     assert seg["parameters"] == sum(p.numel() for p in ResidualUNet.from_config(ckpt.seg_config).state_dict().values())
     assert card["diffusion_model"] is None and card["prototypes"] is None
-    assert card["methods"] == ["none"]
+    assert card["methods"] == ["none", "heal"] and card["heal_stages"] == ["hd"]  # denoising needs no diffusion
     assert card["provenance"]["data"] == "phantoms"
     json.dumps(card)  # JSON-friendly
 

@@ -84,7 +84,7 @@ def test_adapt_heal_writes_every_map_in_the_input_geometry_and_a_report(capsys, 
     out = tmp_path / "heal"
     code, stdout, err = run(capsys, "adapt", "--method", "heal", "--checkpoint", str(files["full"]),
                             "--image", str(files["volume"]), "--out", str(out), "--candidates", "2",
-                            "--steps", "3", "--seed", "4", "--device", "cpu")
+                            "--steps", "3", "--seed", "4", "--device", "cpu", "--stages", "heal", "--denoise", "paper")
     assert code == 0, err
     names = {p.name.split(".")[0] for p in out.iterdir()}
     assert names == HEAL_STAGE_FILES | {"selected_segmentation", "candidate_00", "candidate_01", "report"}
@@ -101,12 +101,13 @@ def test_adapt_heal_writes_every_map_in_the_input_geometry_and_a_report(capsys, 
     assert set(timings["peak_memory_mb"]) == set(timings["seconds"])
     assert all(v > 0 for v in timings["peak_memory_mb"].values())
     assert report["device"] == "cpu" == timings["device"]
-    assert report["heal"] == {"stages": "heal", "denoise": HEALConfig.denoise, "sampler": "ddim", "steps": 3, "candidates": 2, "seed": 4,
+    assert report["heal"] == {"stages": "heal", "denoise": "paper", "sampler": "ddim", "steps": 3, "candidates": 2, "seed": 4,
                               "tau1": 0.2, "tau2": 0.2}
     # the files hold what the library computes with the same settings
     volume = read_image(files["volume"])
     expected = heal_adapt(volume, SourceCheckpoint.load(files["full"]),
-                          HEALConfig(candidates=2, steps=3, seed=4), InferenceConfig(device="cpu"))
+                          HEALConfig(candidates=2, steps=3, seed=4, stages="heal", denoise="paper"),
+                          InferenceConfig(device="cpu"))
     np.testing.assert_array_equal(read_image(out / "segmentation.nii.gz").array, expected.labels)
     np.testing.assert_array_equal(read_image(out / "refined_labels.nii.gz").array,
                                   expected.label_maps["refined_labels"])
@@ -146,7 +147,7 @@ def test_adapt_heal_renders_slices_with_denoised_labels_unless_all_are_asked(cap
     out = tmp_path / "heal"
     code, _, err = run(capsys, "adapt", "--method", "heal", "--checkpoint", str(files["full"]),
                        "--image", str(image), "--out", str(out), "--device", "cpu",
-                       "--candidates", "1", "--steps", "2", "--stages", "hd+egs", *flags)
+                       "--candidates", "1", "--steps", "2", "--stages", "hd+egs", "--denoise", "paper", *flags)
     assert code == 0, err
     refined = read_image(out / "refined_labels.nii.gz").array
     assert refined[0].any() and not refined[1].any()  # the case this test is about
@@ -245,11 +246,12 @@ def _argv(files: dict[str, Path], tmp_path: Path, checkpoint: str, *extra: str, 
 
 
 ERROR_CASES = [
-    ("heal-without-diffusion", "no_diffusion", ["--method", "heal"], ("image_a",), ["diffusion model", "--diffusion"]),
+    ("heal-without-diffusion", "no_diffusion", ["--method", "heal", "--stages", "heal"], ("image_a",),
+     ["diffusion model", "--diffusion"]),
     ("hd+egs-without-diffusion", "no_diffusion", ["--method", "heal", "--stages", "hd+egs"], ("image_a",),
      ["--diffusion", "--stages hd"]),
-    ("zero-candidates", "full", ["--method", "heal", "--candidates", "0"], ("image_a",), ["candidates", "at least 1"]),
-    ("steps-above-T", "full", ["--method", "heal", "--steps", "21"], ("image_a",), ["T = 20", "got 21"]),
+    ("zero-candidates", "full", ["--method", "heal", "--stages", "heal", "--candidates", "0"], ("image_a",), ["candidates", "at least 1"]),
+    ("steps-above-T", "full", ["--method", "heal", "--stages", "heal", "--steps", "21"], ("image_a",), ["T = 20", "got 21"]),
     ("gmm-without-prototypes", "no_prototypes", ["--method", "gmm"], ("image_a",), ["no GMM prototypes",
                                                                                     "sfuda fit-prototypes"]),
     ("zero-iterations", "full", ["--method", "gmm", "--iterations", "0"], ("image_a",), ["at least 1 iteration"]),
@@ -353,7 +355,7 @@ def test_adapt_heal_denoise_components_and_warnings_on_stderr(capsys, files, tmp
     paper_out, components_out = tmp_path / "paper", tmp_path / "components"
     common = ["adapt", "--method", "heal", "--checkpoint", str(files["full"]), "--image", str(files["image_a"]),
               "--stages", "hd", "--device", "cpu"]
-    code, _, err = run(capsys, *common, "--out", str(paper_out))
+    code, _, err = run(capsys, *common, "--out", str(paper_out), "--denoise", "paper")
     assert code == 0, err
     code, _, err = run(capsys, *common, "--out", str(components_out), "--denoise", "components",
                        "--component-markers", "nig")

@@ -720,8 +720,8 @@ def test_every_writing_command_writes_its_report(capsys, work, tmp_path):
         tmp_path / "syn" / "manifest.json")
 
 
-@pytest.mark.parametrize("checkpoint, method", [("checkpoint", "heal"), ("prototypes_only", "gmm"),
-                                                ("plain", "none")])
+@pytest.mark.parametrize("checkpoint, method", [("checkpoint", "heal"), ("prototypes_only", "heal"),
+                                                ("plain", "heal")])
 def test_adapt_without_method_chooses_what_the_checkpoint_supports(capsys, work, tmp_path, checkpoint, method):
     out = tmp_path / "adapted"
     code, _, err = run(capsys, "adapt", "--checkpoint", str(work[checkpoint]), "--image", str(work["image"]),

@@ -22,9 +22,10 @@ from SFUDASegmentLib.data.synthetic import make_phantom
 from SFUDASegmentLib.results.result import Result
 from tiny_models import dice, single_thread, tiny_full_model, tree_snapshot  # noqa: F401
 
-METHODS = ("none", "heal", "gmm")
+METHODS = ("none", "heal", "heal_diffusion", "gmm")
 NIFTI = ["target_image", "same_case_in_source_modality", "reference_labels", "segmentation_none",
-         "segmentation_heal", "segmentation_gmm", "heal_entropy", "heal_nig_variance", "heal_refined_labels"]
+         "segmentation_heal", "segmentation_heal_diffusion", "segmentation_gmm", "heal_entropy",
+         "heal_nig_variance", "heal_refined_labels"]
 
 
 def _stand_in(folder: Path, monkeypatch: pytest.MonkeyPatch, checkpoint: Path) -> Path:
@@ -81,8 +82,13 @@ def test_demo_quick_writes_overview_metrics_and_nifti(capsys, bundle, tmp_path):
         labels = read_image(out / f"segmentation_{method}.nii.gz").array
         expected = np.mean([dice(labels == c.value, case.labels.array == c.value) for c in case.classes])
         assert metrics["mean_dice"][method] == pytest.approx(expected, abs=1e-9)
-    assert len(metrics["heal"]["scores"]) == demo.QUICK.candidates
-    assert metrics["heal"]["selected"] == int(np.argmax(metrics["heal"]["scores"]))
+    assert len(metrics["heal_diffusion"]["scores"]) == demo.QUICK.candidates
+    assert metrics["heal_diffusion"]["selected"] == int(np.argmax(metrics["heal_diffusion"]["scores"]))
+    assert metrics["heal"]["settings"]["stages"] == "hd" and metrics["heal"]["settings"]["denoise"] == "components"
+    for method in METHODS[1:]:  # every adapted method is compared with no adaptation, in words too
+        change = metrics["mean_dice"][method] - metrics["mean_dice"]["none"]
+        assert metrics["versus_none"][method] == pytest.approx(change)
+        assert f"({change:+.3f})" in metrics["verdicts"][method]
     assert metrics["gmm"]["swd_before"] > 0 and metrics["gmm"]["swd_after"] > 0
     assert set(metrics["seconds"]) == {"checkpoint", *METHODS}
     summary = json.loads(stdout)
@@ -90,9 +96,9 @@ def test_demo_quick_writes_overview_metrics_and_nifti(capsys, bundle, tmp_path):
 
     overview = cv2.imread(str(out / "overview.png"))
     assert overview is not None and overview.ndim == 3
-    # 2 + 3 method panels + entropy, NIG variance, selected candidate = 8 tiles, 4 per row
+    # 2 + 4 method panels + entropy, NIG variance, selected candidate = 9 tiles, 4 per row
     tile_h, tile_w = case.target.array.shape[1] * 3 + 24, case.target.array.shape[2] * 3 + 8
-    assert overview.shape == (2 * tile_h, 4 * tile_w, 3)
+    assert overview.shape == (3 * tile_h, 4 * tile_w, 3)
     assert overview.std() > 10
 
 
@@ -135,3 +141,12 @@ def test_demo_overview_shows_the_heal_maps():
     assert not np.array_equal(entropy_tile[0, 0], variance_tile[0, 0])  # 0 and 1 differ in the colour map
     expected = cv2.resize(demo._grey_panel(case.target.array[z]), None, fx=3, fy=3, interpolation=cv2.INTER_NEAREST)
     np.testing.assert_array_equal(candidate_tile, expected)
+
+
+def test_verdicts_say_gain_loss_or_nothing_with_the_change():
+    said = demo.verdicts({"none": 0.5, "heal": 0.502, "heal_diffusion": 0.2, "gmm": 0.61})
+    assert set(said) == {"heal", "heal_diffusion", "gmm"}
+    assert said["heal"] == ("HEAL (default: denoising) changes nothing on this demo scan: mean Dice 0.502 against "
+                            "0.500 without adaptation (+0.002).")
+    assert " loses " in said["heal_diffusion"] and "(-0.300)" in said["heal_diffusion"]
+    assert said["gmm"].startswith("GMM gains") and "(+0.110)" in said["gmm"]

@@ -108,7 +108,7 @@ def _folder_arrays(folder: Path) -> dict[str, np.ndarray]:
 def test_cohort_of_four_images_on_two_processes_equals_one_process(capsys, tmp_path, tiny_full_model):
     images = [write_image(p.target, tmp_path / f"scan_{i}.nii.gz")
               for i, p in enumerate(make_phantom_set(4, TINY_SHAPE, seed=12, gap=0.3))]
-    argv = ["adapt", "--cohort", "--method", "heal", "--candidates", "2", "--steps", "3", "--seed", "1",
+    argv = ["adapt", "--cohort", "--method", "heal", "--stages", "heal", "--candidates", "2", "--steps", "3", "--seed", "1",
             "--checkpoint", str(tiny_full_model.path), "--device", "cpu"]
     for image in images:
         argv += ["--image", str(image)]

@@ -164,7 +164,7 @@ def test_components_mode_reconstructs_y_t_from_the_chosen_markers(tiny_full_mode
 
 def test_components_mode_keeps_more_of_y_t_than_the_paper(tiny_full_model, phantom):
     checkpoint = tiny_full_model.checkpoint
-    paper = heal_adapt(phantom.target, checkpoint, HEALConfig(stages="hd"), CPU)
+    paper = heal_adapt(phantom.target, checkpoint, HEALConfig(stages="hd", denoise="paper"), CPU)
     components = heal_adapt(phantom.target, checkpoint, HEALConfig(stages="hd", denoise="components"), CPU)
     pseudo = paper.label_maps["pseudo_labels"]
     kept_paper = int((paper.labels > 0).sum())

@@ -41,7 +41,7 @@ def image() -> Volume:
 @pytest.fixture(scope="module")
 def runs(tiny_full_model, image) -> dict[str, Result]:
     """One run per stage, same seed and settings (4 candidates, DDIM 5 steps)."""
-    base = HEALConfig(candidates=4, steps=5, seed=3)
+    base = HEALConfig(candidates=4, steps=5, seed=3, stages="heal", denoise="paper")
     return {stage: heal_adapt(image, tiny_full_model.checkpoint, replace(base, stages=stage), CPU)
             for stage in ("hd", "hd+egs", "heal")}
 
@@ -199,7 +199,7 @@ def _count_diffusion_calls(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, .
 @pytest.mark.parametrize("sampler, steps, calls", [("ddpm", 999, TINY_TIMESTEPS), ("ddim", 5, 5)])
 def test_sampler_runs_its_number_of_network_steps(tiny_full_model, image, monkeypatch, sampler, steps, calls):
     shapes = _count_diffusion_calls(monkeypatch)
-    config = HEALConfig(candidates=2, sampler=sampler, steps=steps, candidate_batch=2)
+    config = HEALConfig(candidates=2, sampler=sampler, steps=steps, candidate_batch=2, stages="heal")
     result = heal_adapt(image, tiny_full_model.checkpoint, config, CPU)
     assert len(shapes) == calls and all(s[0] == 2 for s in shapes)
     assert result.extra["heal"]["steps"] == calls and result.extra["heal"]["sampler"] == sampler
@@ -216,7 +216,7 @@ def test_volume_with_a_2d_model_renders_slice_by_slice(tiny_full_model, monkeypa
     shapes = _count_diffusion_calls(monkeypatch)
     events: list[ProgressEvent] = []
     result = heal_adapt(volume, tiny_full_model.checkpoint,
-                        HEALConfig(candidates=2, steps=3, skip_empty_slices=False),
+                        HEALConfig(candidates=2, steps=3, skip_empty_slices=False, stages="heal"),
                         CPU, ProgressReporter(events.append))
     # 2 candidates x 2 slices with a body, one batch of 2D slices per step
     assert len(shapes) == 3 and all(s[0] == 4 and len(s) == 4 for s in shapes)
@@ -244,7 +244,7 @@ def test_slices_with_empty_y_star_are_not_rendered_unless_asked(tiny_full_model,
     volume = Volume(array, Geometry((3.0, 0.8, 0.8), (10.0, -4.0, 2.5)))
     shapes = _count_diffusion_calls(monkeypatch)
     result = heal_adapt(volume, tiny_full_model.checkpoint,
-                        HEALConfig(candidates=2, steps=3, stages="hd+egs", skip_empty_slices=skip), CPU)
+                        HEALConfig(candidates=2, steps=3, stages="hd+egs", denoise="paper", skip_empty_slices=skip), CPU)
     refined = result.label_maps["refined_labels"]
     assert refined[0].any() and not refined[1].any()  # the case this test is about
     rendered = 1 if skip else 2
@@ -266,7 +266,7 @@ def test_checkpoint_without_diffusion(tiny_full_model, image, runs):
         with pytest.raises(CheckpointError, match="--diffusion") as error:
             heal_adapt(image, bare, HEALConfig(stages=stages), CPU)
         assert "--stages hd" in str(error.value)
-    denoised = heal_adapt(image, bare, HEALConfig(stages="hd", seed=3), CPU)
+    denoised = heal_adapt(image, bare, HEALConfig(stages="hd", denoise="paper", seed=3), CPU)
     np.testing.assert_array_equal(denoised.labels, runs["hd"].labels)
     assert denoised.candidates is None
 
@@ -281,7 +281,7 @@ def test_checkpoint_without_diffusion(tiny_full_model, image, runs):
 ])
 def test_bad_settings_are_input_errors(tiny_full_model, image, change, words):
     with pytest.raises(InputError) as error:
-        heal_adapt(image, tiny_full_model.checkpoint, replace(HEALConfig(), **change), CPU)
+        heal_adapt(image, tiny_full_model.checkpoint, replace(HEALConfig(stages="heal"), **change), CPU)
     for word in words:
         assert word in str(error.value)
 
@@ -303,7 +303,7 @@ def _oom_sampler(monkeypatch: pytest.MonkeyPatch, largest_ok: int) -> list[int]:
 
 def test_out_of_memory_retries_with_smaller_chunks(tiny_full_model, image, monkeypatch):
     tried = _oom_sampler(monkeypatch, largest_ok=1)
-    config = HEALConfig(candidates=4, steps=3, candidate_batch=4)
+    config = HEALConfig(candidates=4, steps=3, candidate_batch=4, stages="heal")
     result = heal_adapt(image, tiny_full_model.checkpoint, config, CPU)
     assert tried == [4, 2, 1, 1, 1, 1]
     assert result.candidates.shape == (4, *image.array.shape) and np.isfinite(result.candidates).all()
@@ -314,7 +314,7 @@ def test_out_of_memory_retries_with_smaller_chunks(tiny_full_model, image, monke
 def test_out_of_memory_even_one_at_a_time_is_a_device_error(tiny_full_model, image, monkeypatch):
     tried = _oom_sampler(monkeypatch, largest_ok=0)
     with pytest.raises(DeviceError) as error:
-        heal_adapt(image, tiny_full_model.checkpoint, HEALConfig(candidates=2, steps=3, candidate_batch=2), CPU)
+        heal_adapt(image, tiny_full_model.checkpoint, HEALConfig(candidates=2, steps=3, candidate_batch=2, stages="heal"), CPU)
     message = str(error.value)
     assert tried == [2, 1]
     assert "Out of memory" in message and "candidate batch of one" in message and "'cpu'" in message
@@ -324,6 +324,6 @@ def test_out_of_memory_even_one_at_a_time_is_a_device_error(tiny_full_model, ima
 def test_input_volume_is_not_modified(tiny_full_model, image):
     kept = image.array.copy()
     flags = image.array.flags.writeable
-    heal_adapt(image, tiny_full_model.checkpoint, HEALConfig(candidates=2, steps=2), CPU)
+    heal_adapt(image, tiny_full_model.checkpoint, HEALConfig(candidates=2, steps=2, stages="heal"), CPU)
     np.testing.assert_array_equal(image.array, kept)
     assert image.array.dtype == kept.dtype and image.array.flags.writeable == flags

@@ -526,7 +526,12 @@ def test_method_availability_follows_the_card() -> None:
     assert support.methods_available(CARD_3D_T2) == ("none", "heal")
     assert support.method_unavailable_reason(CARD_3D_T2, "heal") is None
     assert "prototypes" in support.method_unavailable_reason(CARD_3D_T2, "gmm")
-    assert "diffusion model" in support.method_unavailable_reason({"methods": ["none"]}, "heal")
+    denoising_only = {"methods": ["none", "heal"], "heal_stages": ["hd"]}
+    assert support.method_unavailable_reason(denoising_only, "heal", "hd") is None
+    for stages in ("hd+egs", "heal"):
+        assert "diffusion model" in support.method_unavailable_reason(denoising_only, "heal", stages)
+        assert support.method_unavailable_reason({**denoising_only, "heal_stages": ["hd", "hd+egs", "heal"]},
+                                                 "heal", stages) is None
 
 
 # ----------------------------------------------------------------------------- texts, dependencies
@@ -552,8 +557,8 @@ def test_model_card_text_of_a_real_checkpoint(tmp_path: Path) -> None:
     assert "<b>Modality:</b> T2" in text and "<b>Dims:</b> 3D" in text
     n_parameters = sum(p.numel() for p in net.parameters())
     assert f"3D U-Net (4,8), {n_parameters:,} parameters" in text
-    assert "none (HEAL unavailable)" in text and "none (GMM unavailable)" in text
-    assert "<b>Methods:</b> No adaptation<br>" in text
+    assert "none (HEAL denoising only; its diffusion stages unavailable)" in text and "none (GMM unavailable)" in text
+    assert "<b>Methods:</b> No adaptation, HEAL (learning-free)<br>" in text
     assert "12 phantoms; validation mean Dice 0.812" in text
     assert support.checkpoint_warnings(card, (20, 30, 30), "target_T2") == []
     assert support.checkpoint_warnings(card, (1, 30, 30), "target_T2") != []

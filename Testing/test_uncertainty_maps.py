@@ -219,7 +219,7 @@ def test_mahalanobis_map_is_the_distance_of_the_networks_embedding(dims, shape, 
 def test_heal_candidate_spread_is_the_spread_of_the_source_segmentations_of_its_candidates(tiny_full_model):
     image = tiny_full_model.held_out[0][0]
     checkpoint = tiny_full_model.checkpoint
-    config = HEALConfig(candidates=3, steps=4, candidate_batch=3)
+    config = HEALConfig(candidates=3, steps=4, candidate_batch=3, stages="heal")
     plain = heal_adapt(image, checkpoint, config, CPU)
     assert "candidate_spread" not in plain.maps  # default unchanged
     result = heal_adapt(image, checkpoint, replace(config, candidate_spread=True), CPU)

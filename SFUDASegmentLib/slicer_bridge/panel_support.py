@@ -311,13 +311,16 @@ def methods_available(card: Optional[Mapping[str, Any]]) -> tuple[str, ...]:
     return tuple(m for m in METHODS if m in card.get("methods", ()))
 
 
-def method_unavailable_reason(card: Optional[Mapping[str, Any]], method: str) -> Optional[str]:
-    """Why ``method`` cannot run with this checkpoint, or None when it can."""
+def method_unavailable_reason(card: Optional[Mapping[str, Any]], method: str,
+                              heal_stages: str = "hd") -> Optional[str]:
+    """Why ``method`` (with HEAL's ``heal_stages``) cannot run with this checkpoint, or None when
+    it can. HEAL's denoising needs only the source model; its diffusion stages need the
+    checkpoint's diffusion model."""
+    if method == "heal" and card and heal_stages not in card.get("heal_stages", ("hd",)):
+        return ("This checkpoint has no diffusion model, which HEAL's diffusion stages need. Choose the "
+                "stages 'denoising only', or a checkpoint trained with `sfuda train-source --diffusion`.")
     if method in methods_available(card):
         return None
-    if method == "heal":
-        return ("This checkpoint has no diffusion model, which HEAL needs. Choose another "
-                "method, or a checkpoint trained with `sfuda train-source --diffusion`.")
     if method == "gmm":
         return ("This checkpoint has no class prototypes, which GMM-adapted inference needs. "
                 "Choose another method, or a checkpoint trained with prototypes.")
@@ -360,7 +363,7 @@ def format_model_card(card: Mapping[str, Any]) -> str:
                      f"({channels}), {int(seg.get('parameters', 0)):,} parameters")
     diffusion = card.get("diffusion_model")
     lines.append("<b>Diffusion model:</b> " + (
-        "none (HEAL unavailable)" if not diffusion else
+        "none (HEAL denoising only; its diffusion stages unavailable)" if not diffusion else
         f"{int(diffusion.get('parameters', 0)):,} parameters, "
         f"T = {diffusion.get('schedule', {}).get('timesteps', '?')}"))
     lines.append("<b>Class prototypes:</b> " + ("none (GMM unavailable)" if not card.get("prototypes")

@@ -88,8 +88,8 @@ def main() -> None:
             labels["none"].append(segment(checkpoint, case.target, inference).labels)
             if args.skip_heal:
                 continue
-            heal = heal_adapt(case.target, checkpoint, HEALConfig(candidates=args.candidates, steps=args.steps,
-                                                                  seed=seed), inference)
+            heal = heal_adapt(case.target, checkpoint, HEALConfig(stages="heal", candidates=args.candidates, steps=args.steps,
+                                                                                 seed=seed), inference)
             labels["hd"].append(heal.label_maps["refined_labels"])
             labels["hd+egs"].append(heal.label_maps["selected_segmentation"])
             labels["heal"].append(heal.labels)

@@ -85,8 +85,8 @@ def main() -> None:
         row["none"]["seconds"] = time.perf_counter() - t
         if not args.skip_heal:
             t = time.perf_counter()
-            heal = heal_adapt(flair, checkpoint, HEALConfig(candidates=args.candidates, steps=args.steps,
-                                                            candidate_batch=24), inference)
+            heal = heal_adapt(flair, checkpoint, HEALConfig(stages="heal", candidates=args.candidates, steps=args.steps,
+                                                                           candidate_batch=24), inference)
             row["hd"] = scores(heal.label_maps["refined_labels"], truth, flair.spacing)
             row["hd+egs"] = scores(heal.label_maps["selected_segmentation"], truth, flair.spacing)
             row["heal"] = scores(heal.labels, truth, flair.spacing)

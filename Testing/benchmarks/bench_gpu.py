@@ -66,8 +66,8 @@ def heal_run(dims: str, shape: tuple[int, ...], sampler: str, steps: int, amp: b
 
     checkpoint = checkpoint_for(dims, sizes)
     volume = make_phantom(shape, seed=1, gap=0.35).target
-    config = HEALConfig(candidates=sizes["candidates"], sampler=sampler, steps=steps, amp=amp,
-                        candidate_batch=sizes["candidates"] if dims == "3d" else 48, skip_empty_slices=False)
+    config = HEALConfig(stages="heal", candidates=sizes["candidates"], sampler=sampler, steps=steps, amp=amp,
+                                       candidate_batch=sizes["candidates"] if dims == "3d" else 48, skip_empty_slices=False)
     result = heal_adapt(volume, checkpoint, config, InferenceConfig(device=str(device), amp=amp))
     timings = result.timings
     return {"total_seconds": timings["total_seconds"], "diffusion_seconds": timings["seconds"]["diffusion"],

@@ -171,8 +171,8 @@ def run_one(name: str, sampler: str, device: str, base: int, candidates: int) ->
     kind, _, steps = sampler.partition("-")
     # Freshly initialised weights give an arbitrary Y*, so every slice with body is rendered (the
     # worst case); on real scans slices whose Y* is empty are skipped (HEALConfig.skip_empty_slices).
-    config = HEALConfig(candidates=candidates, sampler=kind, steps=int(steps or 250), candidate_batch=6 if
-                        case["dims"] == "3d" else 48, skip_empty_slices=False)
+    config = HEALConfig(stages="heal", candidates=candidates, sampler=kind, steps=int(steps or 250), candidate_batch=6 if
+                                       case["dims"] == "3d" else 48, skip_empty_slices=False)
     parts = timed_diffusion_parts()
     before = os.times()
     result = heal_adapt(volume, checkpoint, config, inference)

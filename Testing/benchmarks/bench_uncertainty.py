@@ -239,8 +239,8 @@ def run_phantoms(args: argparse.Namespace) -> dict[str, Any]:
         outputs = {"none": MethodOutput(segment(checkpoint, case.target, inference)),
                    "heal/hd": MethodOutput(heal_adapt(case.target, checkpoint, HEALConfig(stages="hd"), inference))}
         if heal_full:
-            heal = heal_adapt(case.target, checkpoint, HEALConfig(candidates=args.candidates, steps=args.steps,
-                                                                  seed=i, candidate_spread=True), inference)
+            heal = heal_adapt(case.target, checkpoint, HEALConfig(stages="heal", candidates=args.candidates, steps=args.steps,
+                                                                                 seed=i, candidate_spread=True), inference)
             outputs["heal"] = MethodOutput(heal)
             heal_seconds.append((heal.timings["seconds"]["candidate_spread"], heal.timings["total_seconds"]))
         results, adaptation = gmm_adapt(case.target, checkpoint, replace(gmm_config, seed=i), inference)

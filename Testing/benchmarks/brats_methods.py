@@ -51,7 +51,7 @@ DENOISING_ROWS: dict[str, Optional[HEALConfig]] = {
     "comp(Y*, tumour)": HEALConfig(denoise="components", component_markers="nig", component_grouping="foreground"),
 }
 #: The components configuration the full HEAL rows use.
-FULL_COMPONENTS = DENOISING_ROWS["comp(Y_ent, class)"]
+FULL_COMPONENTS = replace(DENOISING_ROWS["comp(Y_ent, class)"], stages="heal")
 
 
 @dataclass(frozen=True)
@@ -120,7 +120,7 @@ class CaseRun:
     def heal_rows(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
         """HD+EGS and HEAL with the paper's denoising and with components (full pipeline)."""
         labels, record = {}, {}
-        for tag, base in (("paper", HEALConfig(denoise="paper")), ("components", FULL_COMPONENTS)):
+        for tag, base in (("paper", HEALConfig(denoise="paper", stages="heal")), ("components", FULL_COMPONENTS)):
             start = time.perf_counter()
             result = heal_adapt(self.image, self.source, self.settings.heal(base), self.settings.inference)
             labels[f"HD+EGS ({tag})"] = result.label_maps["selected_segmentation"]

@@ -40,8 +40,8 @@ def run_checkout(root: Path, out: Path) -> None:
     volume = read_image(root / "Resources" / "SampleData" / "phantom_target.nrrd")
     arrays = {}
     for name, eta, batch in RUNS:
-        config = HEALConfig(candidates=6, sampler="ddim", steps=10, ddim_eta=eta, candidate_batch=batch,
-                            skip_empty_slices=False, seed=3)
+        config = HEALConfig(stages="heal", candidates=6, sampler="ddim", steps=10, ddim_eta=eta, candidate_batch=batch,
+                                           skip_empty_slices=False, seed=3)
         result = heal_adapt(volume, checkpoint, config, InferenceConfig(device="cpu"))
         arrays[f"{name}/candidates"] = result.candidates
         arrays[f"{name}/scores"] = np.asarray(result.candidate_scores)
