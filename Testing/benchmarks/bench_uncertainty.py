@@ -18,6 +18,13 @@ target-modality phantoms at ``--gap`` (0.2-0.35: the image still carries the str
 
     python Testing/benchmarks/bench_uncertainty.py --phantoms --cases 16 --gap 0.3
 
+``--brats WORKDIR``: the real-BraTS development benchmark's cached source models
+(``bench_brats.py --workdir WORKDIR`` trains them; 2 mm CPU recipe), each applied to the target
+modality of the cases of its fold (patients it never saw), the temperature fitted on two of the
+fold's training cases in the source modality:
+
+    python Testing/benchmarks/bench_uncertainty.py --brats /tmp/brats_bench --direction t2:flair
+
 The measurement itself is :func:`measure_case` (one scan, its truth, the source checkpoint and
 each method's output) and :func:`summarise` (the cases' records -> table rows), so that a run
 over cached real-data predictions reuses them unchanged.
@@ -258,10 +265,57 @@ def run_phantoms(args: argparse.Namespace) -> dict[str, Any]:
             "candidate_spread_seconds": heal_seconds}
 
 
+def run_brats(args: argparse.Namespace) -> dict[str, Any]:
+    """Every fold's cached source model on its fold's target scans: no adaptation, HEAL's default
+    (denoising only), GMM (guard off, so that the adapted labels are scored), full HEAL unless
+    ``--no-diffusion``."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from brats_cases import DEFAULT_DATA, case_names, folds, load_case
+    from brats_models import CPU_RECIPE, model_path
+
+    t0 = time.perf_counter()
+    source, target = args.direction.split(":")
+    data = Path(args.data or DEFAULT_DATA)
+    names = case_names(data)
+    inference = InferenceConfig(device=args.device)
+    gmm_config = GMMConfig(iterations=args.gmm_iterations, guard_agreement=0.0)
+    cases: list[dict[str, Any]] = []
+    for f, fold in enumerate(folds(names, args.folds)):
+        path = model_path(Path(args.brats), f, source)
+        if not path.is_file():
+            raise SystemExit(f"No cached model '{path}': run bench_brats.py --workdir {args.brats} first.")
+        calibration = [load_case(data, n, CPU_RECIPE.spacing, (source,)) for n in names if n not in fold][:2]
+        checkpoint, fit = fit_temperature(SourceCheckpoint.load(path), [c.scans[source] for c in calibration],
+                                          [c.labels for c in calibration], inference)
+        print(f"fold {f}: temperature {fit.temperature:.3f} on {fit.cases} {source.upper()} training cases", flush=True)
+        for i, name in enumerate(fold):
+            case = load_case(data, name, CPU_RECIPE.spacing, (target,))
+            scan = case.scans[target]
+            outputs = {"none": MethodOutput(segment(checkpoint, scan, inference)),
+                       "heal/hd": MethodOutput(heal_adapt(scan, checkpoint, HEALConfig(), inference))}
+            if not args.no_diffusion and checkpoint.diffusion is not None:
+                outputs["heal"] = MethodOutput(heal_adapt(scan, checkpoint, HEALConfig(
+                    stages="heal", candidates=args.candidates, steps=args.steps, seed=i, candidate_spread=True),
+                    inference))
+            results, adaptation = gmm_adapt(scan, checkpoint, replace(gmm_config, seed=i), inference)
+            outputs["gmm"] = MethodOutput(results[0], adapted_checkpoint(checkpoint, adaptation, gmm_config, [name]))
+            cases.append(measure_case(scan, case.labels.array, checkpoint, outputs, inference))
+            print(f"fold {f} {name} done ({time.perf_counter() - t0:.0f} s)", flush=True)
+    rows = summarise(cases)
+    print(f"\nBraTS 2018 {source.upper()} -> {target.upper()}, {len(cases)} target cases (2 mm, each fold's model on "
+          f"patients it never saw); GMM {args.gmm_iterations} iterations; {time.perf_counter() - t0:.0f} s")
+    print_table(rows, cases)
+    return {"args": vars(args), "rows": rows, "cases": cases}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     mode = parser.add_mutually_exclusive_group(required=True)
     mode.add_argument("--phantoms", action="store_true", help="synthetic two-modality phantoms")
+    mode.add_argument("--brats", metavar="WORKDIR", help="the real-BraTS benchmark's work folder (cached models)")
+    parser.add_argument("--direction", default="t2:flair", help="--brats: source:target modalities")
+    parser.add_argument("--folds", type=int, default=2, help="--brats: the benchmark's number of folds")
+    parser.add_argument("--data", help="--brats: the brats2018 folder (default ../shared/data/brats2018)")
     parser.add_argument("--checkpoint", help="reuse a phantom checkpoint written by --save")
     parser.add_argument("--save", help="write the trained phantom checkpoint here")
     parser.add_argument("--size", type=int, default=64)
@@ -281,7 +335,7 @@ def main() -> None:
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    figures = run_phantoms(args)
+    figures = run_brats(args) if args.brats else run_phantoms(args)
     if args.json:
         from SFUDASegmentLib.evaluation.metrics import to_jsonable
 
