@@ -198,7 +198,7 @@ def test_adapt_gmm_saves_a_new_checkpoint_and_leaves_the_source_file(capsys, fil
     assert any(not torch.equal(adapted.seg_state[k], source.seg_state[k]) for k in source.seg_state)
     assert adapted.prototypes is not None and adapted.diffusion is not None
     assert sorted(p.name for p in out.iterdir()) == ["disagreement.nii.gz", "embeddings_pca.png", "entropy.nii.gz",
-                                                     "report.json", "segmentation.nii.gz"]
+                                                     "nig_variance.nii.gz", "report.json", "segmentation.nii.gz"]
     for path in out.glob("*.nii.gz"):
         assert_same_geometry(path, files["image_a"])
     report = json.loads((out / "report.json").read_text())
@@ -226,8 +226,8 @@ def test_adapt_gmm_with_several_images_writes_one_folder_each(capsys, files, tmp
     assert summary["method_choice"]["method"] == "gmm" and len(summary["cases"]) == 2
     for folder, image in zip(folders, ("image_a", "image_b")):
         assert {p.name for p in (out / folder).iterdir()} == {"segmentation.nii.gz", "entropy.nii.gz",
-                                                              "disagreement.nii.gz", "report.json",
-                                                              "embeddings_pca.png"}
+                                                              "disagreement.nii.gz", "nig_variance.nii.gz",
+                                                              "report.json", "embeddings_pca.png"}
         assert_same_geometry(out / folder / "segmentation.nii.gz", files[image])
         assert json.loads((out / folder / "report.json").read_text())["input"] == str(files[image])
     assert [entry["out"] for entry in json.loads(stdout)] == [str(out / f) for f in folders]

@@ -171,11 +171,17 @@ def test_reliability_tables_are_validated_and_read_from_json(tmp_path):
         load_reliability_table(tmp_path / "broken.json")
 
 
-def test_the_shipped_table_holds_phantom_figures_and_says_so():
-    assert DEFAULT_TABLE["entries"] and all(e["phantom"] for e in DEFAULT_TABLE["entries"])
-    statement = trust_statement("none", "entropy", DEFAULT_TABLE, "T2", "FLAIR")
-    assert statement["phantom"] and "synthetic phantoms, not on patient scans" in statement["text"]
-    assert any("phantoms" in w for w in statement["warnings"])
+def test_the_shipped_table_holds_phantom_and_brats_figures_and_says_which():
+    entries = DEFAULT_TABLE["entries"]
+    assert {e["phantom"] for e in entries} == {True, False}
+    assert all(e["source_modality"] == "phantom-source" for e in entries if e["phantom"])
+    assert all((e["source_modality"], e["target_modality"]) == ("T2", "FLAIR") for e in entries if not e["phantom"])
+    phantom = trust_statement("none", "entropy", DEFAULT_TABLE, "phantom-source", "phantom-target")
+    assert phantom["phantom"] and "synthetic phantoms, not on patient scans" in phantom["text"]
+    assert any("phantoms" in w for w in phantom["warnings"])
+    brats = trust_statement("none", "entropy", DEFAULT_TABLE, "T2", "FLAIR")
+    assert not brats["phantom"] and brats["auroc"] == pytest.approx(0.921) and "BraTS" in brats["text"]
+    assert not any("phantoms" in w for w in brats["warnings"])
     heal = {e["map"]: e["auroc"] for e in DEFAULT_TABLE["entries"] if e["method"] == "heal"}
     assert recommended_map("heal", sorted(heal)) == max(heal, key=heal.get)
 

@@ -27,6 +27,7 @@ from ..errors import InputError
 from ..inference.preparation import PreparedInput, predict_indices, prepare_input
 from ..inference.segment import result_from_prediction
 from ..results.result import Result
+from ..heal.denoising import nig_variance_map
 from ..uncertainty.disagreement import probability_disagreement
 from ..uncertainty.review import review_uncertainty
 from ..utils.device import StageTimer, autocast, free_memory, resolve_device
@@ -308,6 +309,9 @@ def gmm_adapt(volumes: Volume | Sequence[Volume], checkpoint: SourceCheckpoint,
                     prepared.to_input_grid(indices.astype(np.int64), is_label=True), checkpoint.classes)
             result.maps["disagreement"] = prepared.to_input_grid(
                 probability_disagreement(source_probs, probs), is_label=False).astype(np.float32)
+            result.maps["nig_variance"] = prepared.to_input_grid(
+                nig_variance_map(kept_probs, prepared.network_spacing, prepared.is_2d), is_label=False
+            ).astype(np.float32)
             review_uncertainty(result, checkpoint.input_spec.modality, prepared.to_input_grid(prepared.foreground, True))
         results.append(result)
     del source_model

@@ -410,3 +410,22 @@ def hierarchical_denoise(probs: np.ndarray, config: HEALConfig,
                          alpha=alpha, beta=beta, omega=omega, variance=variance,
                          variance_normalized=variance_normalized, refined=refined,
                          window=window)
+
+
+def nig_variance_map(probs: np.ndarray, spacing: Sequence[float], is_2d: bool,
+                     config: HEALConfig = HEALConfig()) -> np.ndarray:
+    """HEAL's min-max normalised NIG variance of any network's probabilities, as a map.
+
+    Args:
+        probs: ``(K, Z, Y, X)`` probabilities on the network grid (``Z`` = 1 for a 2D image).
+        spacing: the network grid's spacing, ``(z, y, x)`` mm.
+        is_2d: the grid holds one 2D image (``Z`` = 1): the regional entropy is taken in 2D.
+        config: the denoising constants.
+
+    Returns:
+        ``(Z, Y, X)`` float map in [0, 1].
+    """
+    if is_2d:
+        return hierarchical_denoise(probs[:, 0], config, spacing=spacing[1:]).variance_normalized[None]
+    return hierarchical_denoise(probs, config, spacing=spacing).variance_normalized
+

@@ -29,12 +29,12 @@ import numpy as np
 import torch
 
 from ..checkpoint import SourceCheckpoint
-from ..config import HEALConfig, InferenceConfig
+from ..config import InferenceConfig
 from ..data.geometry import Volume
 from ..data.labels import indices_to_values
 from ..errors import CheckpointError, InputError
 from ..gmm.prototypes import ClassPrototypes, check_compatible
-from ..heal.denoising import hierarchical_denoise
+from ..heal.denoising import nig_variance_map
 from ..inference.preparation import PreparedInput, predict_indices, prepare_input
 from ..results.result import Result, structure_statistics
 from ..utils.device import resolve_device
@@ -125,11 +125,8 @@ def add_uncertainty_maps(result: Result, volume: Volume, checkpoint: SourceCheck
         maps["calibrated_entropy"] = voxel_entropy(apply_temperature(nets.probabilities("result"),
                                                                      checkpoint.temperature))
     if "nig_variance" in names:
-        probs = nets.probabilities("result")
-        squeeze = prepared.is_2d
-        denoised = hierarchical_denoise(probs[:, 0] if squeeze else probs, HEALConfig(),
-                                        spacing=prepared.network_spacing[1:] if squeeze else prepared.network_spacing)
-        maps["nig_variance"] = denoised.variance_normalized[None] if squeeze else denoised.variance_normalized
+        maps["nig_variance"] = nig_variance_map(nets.probabilities("result"), prepared.network_spacing,
+                                                prepared.is_2d)
     if "flip_entropy" in names or "flip_variance" in names:
         tta = flip_tta(nets.net("result"), prepared.image, spec, k, inference, nets.device, flip_axes, progress)
         maps.update({"flip_entropy": tta.entropy, "flip_variance": tta.variance})
