@@ -21,7 +21,6 @@ import os
 import signal
 import sys
 import threading
-import time
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Sequence
 
@@ -321,15 +320,20 @@ def cmd_adapt(args: argparse.Namespace, progress: Optional[ProgressReporter],
     return outputs_list[0] if len(outputs_list) == 1 else outputs_list
 
 
-def cmd_fit_prototypes(args: argparse.Namespace, progress: Optional[ProgressReporter],
-                       outputs: OutputTransaction) -> dict[str, Any]:
+def _checkpoint_with_labelled_cases(args: argparse.Namespace, outputs: OutputTransaction, which_cases: str
+                                    ) -> tuple[Path, Path, Any, list[Any], list[Any]]:
+    """What the commands that turn a checkpoint and labelled cases into a new checkpoint share:
+    one ``--label`` per ``--image`` (else an error that names ``which_cases``), the inputs
+    declared, ``--out`` and its report staged, room for the checkpoint, the files read.
+
+    Returns:
+        ``(staged checkpoint path, staged report path, checkpoint, images, label maps)``.
+    """
     from .checkpoint import SourceCheckpoint
-    from .config import GMMConfig
     from .data.io import read_image, read_label
-    from .gmm import fit_prototypes
 
     if not args.image or len(args.image) != len(args.label or []):
-        raise InputError("Give one --label per --image (labelled source cases).")
+        raise InputError(f"Give one --label per --image ({which_cases}).")
     outputs.add_inputs([args.checkpoint, *args.image, *args.label])
     staged, staged_report = _stage_file_with_report(outputs, args.out)
     checkpoint = SourceCheckpoint.load(args.checkpoint)
@@ -337,6 +341,16 @@ def cmd_fit_prototypes(args: argparse.Namespace, progress: Optional[ProgressRepo
     allowed = {0} | {c.value for c in checkpoint.classes}
     images = [read_image(p) for p in args.image]
     labels = [read_label(p, allowed_values=allowed) for p in args.label]
+    return staged, staged_report, checkpoint, images, labels
+
+
+def cmd_fit_prototypes(args: argparse.Namespace, progress: Optional[ProgressReporter],
+                       outputs: OutputTransaction) -> dict[str, Any]:
+    from .config import GMMConfig
+    from .gmm import fit_prototypes
+
+    staged, staged_report, checkpoint, images, labels = _checkpoint_with_labelled_cases(
+        args, outputs, "labelled source cases")
     fitted = fit_prototypes(checkpoint, images, labels, GMMConfig(rho=args.rho, seed=args.seed),
                             device=args.device, progress=progress)
     fitted.save(staged)
@@ -347,22 +361,12 @@ def cmd_fit_prototypes(args: argparse.Namespace, progress: Optional[ProgressRepo
 
 def cmd_round_trip(args: argparse.Namespace, progress: Optional[ProgressReporter],
                    outputs: OutputTransaction) -> dict[str, Any]:
-    from .checkpoint import SourceCheckpoint
     from .config import HEALConfig, InferenceConfig
-    from .data.io import read_image, read_label
     from .heal.diffusion_quality import ROUND_TRIP_KEY, round_trip_warning
     from .heal.round_trip import with_round_trip
 
-    if not args.image or len(args.image) != len(args.label or []):
-        raise InputError("Give one --label per --image (labelled source cases the diffusion model was not "
-                         "trained on).")
-    outputs.add_inputs([args.checkpoint, *args.image, *args.label])
-    staged, staged_report = _stage_file_with_report(outputs, args.out)
-    checkpoint = SourceCheckpoint.load(args.checkpoint)
-    outputs.require_free_space(os.path.getsize(args.checkpoint), "the checkpoint")
-    allowed = {0} | {c.value for c in checkpoint.classes}
-    images = [read_image(p) for p in args.image]
-    labels = [read_label(p, allowed_values=allowed) for p in args.label]
+    staged, staged_report, checkpoint, images, labels = _checkpoint_with_labelled_cases(
+        args, outputs, "labelled source cases the diffusion model was not trained on")
     config = HEALConfig(candidates=args.candidates, sampler=args.sampler, steps=args.steps, seed=args.seed)
     checked = with_round_trip(checkpoint, images, labels, config,
                               InferenceConfig(device=args.device, batch_size=args.batch_size), args.slices,
@@ -378,20 +382,11 @@ def cmd_round_trip(args: argparse.Namespace, progress: Optional[ProgressReporter
 
 def cmd_fit_temperature(args: argparse.Namespace, progress: Optional[ProgressReporter],
                         outputs: OutputTransaction) -> dict[str, Any]:
-    from .checkpoint import SourceCheckpoint
     from .config import InferenceConfig
-    from .data.io import read_image, read_label
     from .uncertainty.temperature import fit_temperature
 
-    if not args.image or len(args.image) != len(args.label or []):
-        raise InputError("Give one --label per --image (labelled source cases the model was not trained on).")
-    outputs.add_inputs([args.checkpoint, *args.image, *args.label])
-    staged, staged_report = _stage_file_with_report(outputs, args.out)
-    checkpoint = SourceCheckpoint.load(args.checkpoint)
-    outputs.require_free_space(os.path.getsize(args.checkpoint), "the checkpoint")
-    allowed = {0} | {c.value for c in checkpoint.classes}
-    images = [read_image(p) for p in args.image]
-    labels = [read_label(p, allowed_values=allowed) for p in args.label]
+    staged, staged_report, checkpoint, images, labels = _checkpoint_with_labelled_cases(
+        args, outputs, "labelled source cases the model was not trained on")
     fitted, fit = fit_temperature(checkpoint, images, labels, InferenceConfig(device=args.device),
                                   max_voxels=args.max_voxels, seed=args.seed, progress=progress)
     fitted.save(staged)

@@ -6,7 +6,7 @@ docstring says which one the default follows and the other is one setting away.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from typing import Any, Optional
 
 from .errors import InputError

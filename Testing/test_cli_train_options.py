@@ -27,17 +27,13 @@ from SFUDASegmentLib.heal.round_trip import diffusion_round_trip
 from SFUDASegmentLib.inference.preparation import prepare_input
 from SFUDASegmentLib.inference.segment import segment
 from SFUDASegmentLib.training.segmentation import VALIDATION_ON_TRAINING
+from tiny_models import run_sfuda as run
 from tiny_models import single_thread  # noqa: F401
 
 LABELS = "1:organ,2:vessel,3:lesion"
 TINY = ["--labels", LABELS, "--dims", "2d", "--epochs", "1", "--iterations", "2", "--batch-size", "2",
         "--channels", "4,8", "--device", "cpu", "--seed", "1"]
 
-
-def run(capsys: pytest.CaptureFixture, *argv: str) -> tuple[int, str, str]:
-    code = cli.main(["--progress", "none", *argv])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 @pytest.fixture(scope="module")

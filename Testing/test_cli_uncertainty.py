@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 import torch
 
-from SFUDASegmentLib import cli
 from SFUDASegmentLib.checkpoint import SourceCheckpoint
 from SFUDASegmentLib.config import InferenceConfig
 from SFUDASegmentLib.data.io import read_image, write_image
@@ -17,13 +16,8 @@ from SFUDASegmentLib.inference.preparation import prepare_input
 from SFUDASegmentLib.uncertainty.entropy import voxel_entropy
 from SFUDASegmentLib.uncertainty.flip_tta import flip_tta
 from tiny_models import file_digest, single_thread, tiny_full_model, tree_snapshot  # noqa: F401
+from tiny_models import run_sfuda as run
 
-
-def run(capsys: pytest.CaptureFixture, *argv: str) -> tuple[int, str, str]:
-    """``sfuda --progress none ARGV``: exit code, stdout, stderr."""
-    code = cli.main(["--progress", "none", *argv])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 @pytest.fixture(scope="module")

@@ -143,6 +143,15 @@ class SignNet(torch.nn.Module):
         return x0 * scale.view(1, -1, *([1] * (x.ndim - 2)))
 
 
+def run_sfuda(capsys: pytest.CaptureFixture, *argv: str) -> tuple[int, str, str]:
+    """``sfuda --progress none ARGV`` in this process: exit code, stdout, stderr."""
+    from SFUDASegmentLib import cli
+
+    code = cli.main(["--progress", "none", *argv])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
 def file_digest(path: Path) -> str:
     """SHA-256 of a file's bytes (to check that inputs are never modified)."""
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
