@@ -118,6 +118,11 @@ selected scan (the target) without the source data, and shows how far to trust t
 voxel entropy and NIG variance maps, the HEAL candidates with their edge scores, and the
 volume and mean uncertainty of each structure.<br>
 Methods: no adaptation, HEAL (learning-free), GMM-adapted inference (SFS).<br>
+Measured on real BraTS scans of patients the source model never saw (README, "Measured figures"):
+HEAL's default (its boundary-preserving denoising alone) stayed within one Dice point of no
+adaptation; <b>the paper-exact HEAL lost</b> (its denoising erased nearly all of the tumour, its
+diffusion stages lost in every direction), and <b>GMM lost on 20 of 30 scans</b>. Compare an
+adapted result with no adaptation before trusting it.<br>
 Try it: Sample Data &gt; SFUDA Segment &gt; {SAMPLE_NAME} loads a phantom and selects the demo
 checkpoint. Each run's nodes go into one folder in the Data module; delete the folder to remove
 the run. The README of the SFUDASegment sources (section "For clinicians") walks through the
