@@ -96,29 +96,23 @@ def _parameter_bytes(*builders: Callable[[], Any]) -> int:
         return sum(4 * p.numel() for build in builders for p in build().parameters())
 
 
-#: ``adapt`` without ``--method`` takes the first method of this order the checkpoint supports
-AUTO_METHOD_ORDER = ("heal", "gmm", "none")
-
-#: what each method needs from a checkpoint, in words (``sfuda info`` lists what one supports)
-_NEEDS = {"heal": "HEAL's default (denoising only) needs only the source model and was the one method that "
-                  "lost no more than 1 mean Dice point in any direction of the real-BraTS benchmark (README)",
-          "gmm": "the checkpoint has class prototypes",
-          "none": "segmentation without adaptation needs only the source model"}
+#: ``adapt`` without ``--method`` runs HEAL's default, which every checkpoint supports
+AUTO_METHOD = "heal"
+AUTO_REASON = ("HEAL's default (the denoising alone) needs only the source model, and of the three methods it was "
+               "the only one within one Dice point of no adaptation on every direction of the real-BraTS "
+               "benchmark (README)")
 
 
-def choose_adapt_method(checkpoint: Any, requested: Optional[str]) -> dict[str, str]:
+def choose_adapt_method(requested: Optional[str]) -> dict[str, str]:
     """The method ``adapt`` runs and why (recorded in ``report.json``): ``--method`` when given,
-    else the first of :data:`AUTO_METHOD_ORDER` that the checkpoint supports.
+    else :data:`AUTO_METHOD`.
 
     Returns:
         ``method``, ``chosen`` (``"--method"`` or ``"automatically"``) and ``reason``.
     """
     if requested is not None:
         return {"method": requested, "chosen": "--method", "reason": "given on the command line"}
-    supported = checkpoint.describe()["methods"]
-    method = next(m for m in AUTO_METHOD_ORDER if m in supported)
-    return {"method": method, "chosen": "automatically",
-            "reason": f"{_NEEDS[method]}; {method} is the first of {', '.join(AUTO_METHOD_ORDER)} it supports"}
+    return {"method": AUTO_METHOD, "chosen": "automatically", "reason": AUTO_REASON}
 
 
 # ----------------------------------------------------------------------------- commands
@@ -257,7 +251,7 @@ def cmd_adapt(args: argparse.Namespace, progress: Optional[ProgressReporter],
     folder = outputs.folder(args.out)
     adapted_path = outputs.file(args.save_adapted, "--save-adapted") if args.save_adapted else None
     checkpoint = SourceCheckpoint.load(args.checkpoint)
-    choice = choose_adapt_method(checkpoint, args.method)
+    choice = choose_adapt_method(args.method)
     method = choice["method"]
     if args.method is None:
         print(f"adapt: method {method}, chosen because {choice['reason']} (--method chooses another)",
@@ -695,8 +689,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("adapt", "adapt the source model to target image(s): none, heal or gmm", cmd_adapt)
     p.add_argument("--method", choices=("none", "heal", "gmm"),
-                   help="adaptation method; default: the first of " + ", ".join(AUTO_METHOD_ORDER)
-                   + " that the checkpoint supports (see `sfuda info`)")
+                   help="adaptation method; default: heal, with its default denoising alone, which every "
+                        "checkpoint supports (the README's BraTS benchmark says why)")
     p.add_argument("--checkpoint", required=True, help="the .sfuda checkpoint (never modified)")
     p.add_argument("--image", action="append", required=True,
                    help="target image (repeat for several with --method gmm)")

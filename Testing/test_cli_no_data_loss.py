@@ -720,19 +720,16 @@ def test_every_writing_command_writes_its_report(capsys, work, tmp_path):
         tmp_path / "syn" / "manifest.json")
 
 
-@pytest.mark.parametrize("checkpoint, method", [("checkpoint", "heal"), ("prototypes_only", "heal"),
-                                                ("plain", "heal")])
-def test_adapt_without_method_chooses_what_the_checkpoint_supports(capsys, work, tmp_path, checkpoint, method):
+@pytest.mark.parametrize("checkpoint", ["checkpoint", "prototypes_only", "plain"])
+def test_adapt_without_method_runs_heal_s_default_on_any_checkpoint(capsys, work, tmp_path, checkpoint):
     out = tmp_path / "adapted"
     code, _, err = run(capsys, "adapt", "--checkpoint", str(work[checkpoint]), "--image", str(work["image"]),
                        "--out", str(out), "--device", "cpu", "--candidates", "1", "--steps", "2",
                        "--iterations", "2")
     assert code == 0, err
     choice, *warnings = err.strip("\n").split("\n")
-    assert choice.startswith(f"adapt: method {method}, chosen because ")
+    assert choice == f"adapt: method heal, chosen because {cli.AUTO_REASON} (--method chooses another)"
     assert all(line.startswith("warning: ") for line in warnings)
     report = json.loads((out / "report.json").read_text())
-    assert report["method"] == method
-    assert report["method_choice"]["method"] == method and report["method_choice"]["chosen"] == "automatically"
-    assert method == cli.AUTO_METHOD_ORDER[[m in SourceCheckpoint.load(work[checkpoint]).describe()["methods"]
-                                            for m in cli.AUTO_METHOD_ORDER].index(True)]
+    assert report["method"] == "heal" and report["heal"]["stages"] == "hd" and report["heal"]["denoise"] == "components"
+    assert report["method_choice"] == {"method": "heal", "chosen": "automatically", "reason": cli.AUTO_REASON}
