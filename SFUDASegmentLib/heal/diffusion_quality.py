@@ -35,8 +35,9 @@ def round_trip_warning(provenance: Mapping[str, Any]) -> Optional[str]:
     figure = provenance.get(ROUND_TRIP_KEY)
     if not figure:
         return ("This checkpoint's diffusion model has no round-trip figure (trained before it was "
-                "measured, with --round-trip-slices 0, or on a single case), so nobody has checked that its renderings carry the structure; compare "
-                "--stages hd with the full result before trusting the edge-guided stages.")
+                "measured, with --round-trip-slices 0, or on a single case), so nobody has checked that "
+                "its renderings carry the structure; compare --stages hd with the full result before "
+                "trusting the edge-guided stages.")
     round_trip, source = float(figure["round_trip_dice"]), float(figure["source_dice"])
     if source > 0 and round_trip < FAR_BELOW_RATIO * source:
         return (f"The diffusion model's round trip is far below the source model: the source model "
