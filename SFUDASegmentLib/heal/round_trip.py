@@ -115,7 +115,6 @@ def diffusion_round_trip(checkpoint: SourceCheckpoint, images: Sequence[Volume],
     }
 
 
-
 def with_round_trip(checkpoint: SourceCheckpoint, images: Sequence[Volume], labels: Sequence[Volume],
                     config: HEALConfig = HEALConfig(), inference: InferenceConfig = InferenceConfig(),
                     max_slices: int = 16, case_names: Optional[Sequence[str]] = None,
