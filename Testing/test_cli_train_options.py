@@ -150,6 +150,7 @@ def test_spacing_values(value, dims, expected):
     (["--spacing", "1,2,2"], "(3D only)"),
     (["--diffusion", "--diffusion-channels", "16,24"], "multiples of the first"),
     (["--diffusion", "--diffusion-channels", "x"], "--diffusion-channels takes positive widths"),
+    (["--diffusion", "--round-trip-slices", "-1"], "--round-trip-slices must be 0"),
 ])
 def test_bad_options_are_one_line_errors_before_any_work(capsys, pairs, tmp_path, flags, words):
     code, stdout, err = run(capsys, "train-source", *TINY, *pairs, *flags, "--out", str(tmp_path / "x.sfuda"))

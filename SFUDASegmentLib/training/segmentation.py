@@ -403,6 +403,8 @@ def train_source(images: Sequence[Volume], labels: Sequence[Volume], classes: li
     if len(images) != len(labels) or not images:
         raise InputError(f"Got {len(images)} images and {len(labels)} label maps; give one label "
                          "map per image (at least one pair).")
+    if round_trip_slices < 0:
+        raise InputError(f"--round-trip-slices must be 0 (skip the round trip) or more, got {round_trip_slices}.")
     names = list(case_names or [f"case_{i:03d}" for i in range(len(images))])
     cases = [prepare_training_case(img, lab, classes, spec, name)
              for img, lab, name in zip(images, labels, names)]
