@@ -350,6 +350,9 @@ class GMMConfig:
         guard_agreement: keep the source model's segmentation (and warn) when the adapted
             foreground agrees with the source foreground below this Dice; 0 disables the guard
             (see ``gmm/harm_guard.py``).
+        flip_uncertainty: also compute the ``flip_label_error`` map, GMM's default overlay (the
+            source and the adapted network over the 4 in-plane flips of the scan: 8 more
+            inferences per scan); False keeps only the maps that cost nothing extra.
         seed, amp: reproducibility and mixed precision on GPU.
     """
 
@@ -367,6 +370,7 @@ class GMMConfig:
     min_class_share: float = 0.001
     freeze_classifier: bool = False
     guard_agreement: float = 0.0
+    flip_uncertainty: bool = True
     seed: int = 0
     amp: bool = True
 

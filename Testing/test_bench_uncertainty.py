@@ -21,7 +21,7 @@ from tiny_models import single_thread, tiny_full_model  # noqa: F401
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "benchmarks"))
 
-from bench_uncertainty import MethodOutput, measure_case, summarise  # noqa: E402
+from bench_uncertainty import MethodOutput, against_before_adaptation, measure_case, summarise  # noqa: E402
 
 CPU = InferenceConfig(device="cpu")
 
@@ -48,6 +48,12 @@ def test_measure_case_and_summarise(tiny_full_model):
         assert {"nig_variance", "label_disagreement", "flip_entropy"} <= set(record["heal/hd"]["auroc"])
         assert record["heal/hd"]["ece"] == {}
         assert {"disagreement", "label_disagreement", "source_entropy", "source_mahalanobis"} <= set(record["gmm"]["auroc"])
+        for method in outputs:  # the label errors are about each method's own labels
+            assert {"label_error", "flip_label_error"} <= set(record[method]["auroc"])
+        assert "source_label_error" not in record["gmm"]["auroc"]
+        heal_errors = (heal.labels != truth.array) & body
+        assert record["heal/hd"]["auroc"]["label_error"] == pytest.approx(
+            voxel_auroc(heal.maps["label_error"], heal_errors, body))
         assert record["gmm"]["structures"]["organ"]["dice"] >= 0
         cases.append(record)
     rows = summarise(cases)
@@ -55,3 +61,10 @@ def test_measure_case_and_summarise(tiny_full_model):
     finite = [c["none"]["auroc"]["entropy"] for c in cases if np.isfinite(c["none"]["auroc"]["entropy"])]
     assert row["cases"] == len(finite) and row["auroc"] == pytest.approx(np.mean(finite))
     assert set(row["spearman"]) == {"organ", "vessel"}
+    paired = against_before_adaptation(cases)
+    assert {r["method"] for r in paired} == {"heal/hd", "gmm"} and {r["baseline"] for r in paired} == {
+        "entropy", "label_error"}
+    row = next(r for r in paired if r["method"] == "gmm" and r["map"] == "flip_label_error" and r["baseline"] == "entropy")
+    differences = [c["gmm"]["auroc"]["flip_label_error"] - c["none"]["auroc"]["entropy"] for c in cases]
+    assert row["cases"] == 2 and row["mean"] == pytest.approx(np.mean(differences))
+    assert row["gains"] == sum(d > 0 for d in differences) and row["low"] <= row["mean"] <= row["high"]

@@ -183,7 +183,7 @@ def test_adaptation_lowers_the_swd_to_the_prototypes(tiny_full_model):
     assert result.geometry.matches(image.geometry)
     assert result.maps["entropy"].shape == image.array.shape
     assert result.timings["seconds_per_iteration"] > 0
-    assert set(result.timings["seconds"]) == {"preprocess", "adaptation", "inference", "postprocess"}
+    assert set(result.timings["seconds"]) == {"preprocess", "adaptation", "inference", "postprocess", "flip_uncertainty"}
 
 
 def test_same_seed_same_weights_other_seed_differs(tiny_full_model):

@@ -28,7 +28,8 @@ class Result:
         probabilities: class probabilities ``(C, z, y, x)`` with C = 1 + len(classes)
             (background first), float16 or float32; None when only labels were asked for.
         maps: float32 uncertainty maps on the input grid, e.g. ``"entropy"`` and
-            ``"nig_variance"`` (HEAL), ``"entropy"`` (GMM).
+            ``"label_error"`` (every method), ``"nig_variance"`` (HEAL, GMM),
+            ``"flip_label_error"`` (GMM); see ``uncertainty/maps.py``.
         label_maps: intermediate label maps on the input grid, e.g. ``"pseudo_labels"`` (Y_T),
             ``"entropy_labels"`` (Y_ent), ``"refined_labels"`` (Y*), ``"selected_segmentation"``
             (M_S(I_B)).

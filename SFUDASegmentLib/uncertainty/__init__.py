@@ -1,6 +1,7 @@
 """Uncertainty measures of a segmentation, and what a reader is told about them.
 
 Maps (one concept per module, arrays ``(C, *S)`` / ``(*S)``): ``entropy`` (voxel entropy),
+``label_error`` (one minus the networks' support for the label shown),
 ``disagreement`` (source vs adapted prediction), ``candidate_spread`` (the source model's
 segmentations of HEAL's candidates), ``flip_tta`` (flip test-time augmentation),
 ``temperature`` (temperature scaling fitted on the source side), ``mahalanobis`` (embedding

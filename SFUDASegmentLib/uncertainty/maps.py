@@ -1,11 +1,15 @@
 """The optional uncertainty maps of a result, computed after its method ran.
 
-Every method returns the maps it gets for free (``entropy``; ``nig_variance`` for HEAL;
-``calibrated_entropy`` when the checkpoint has a temperature; ``candidate_spread`` when HEAL was
-asked for it). :func:`add_uncertainty_maps` adds the ones that cost extra inference, from the
+Every method returns the maps it gets for free (``entropy`` and ``label_error``;
+``nig_variance`` for HEAL and GMM; ``calibrated_entropy`` when the checkpoint has a temperature;
+``candidate_spread`` when HEAL was asked for it; GMM also ``disagreement`` and, unless
+``GMMConfig.flip_uncertainty`` is off, ``flip_label_error``). :func:`add_uncertainty_maps` adds the ones that cost extra inference, from the
 scan, the source checkpoint and, for GMM, the adapted checkpoint:
 
 =======================  ================================================================
+``label_error``          one minus the probability the networks behind the result give to
+                         its label (``label_error.py``)
+``flip_label_error``     the same, each network's probabilities the mean over flips
 ``calibrated_entropy``   entropy (bits) of the temperature-scaled probabilities
 ``nig_variance``         HEAL's min-max normalised NIG variance (``heal/denoising.py``,
                          default ``HEALConfig``), of any result's probabilities
@@ -18,7 +22,9 @@ scan, the source checkpoint and, for GMM, the adapted checkpoint:
 
 Probability-based maps use the probabilities of the network behind the result: the adapted
 network for GMM (``model_checkpoint``), the source network for no adaptation and HEAL (whose
-probabilities are the source model's).
+probabilities are the source model's). The label errors average the source network and, for
+GMM, the adapted one: after adaptation the adapted network alone is sure of itself where it is
+wrong, the source network's doubt about the adapted label is not.
 """
 
 from __future__ import annotations
@@ -31,7 +37,7 @@ import torch
 from ..checkpoint import SourceCheckpoint
 from ..config import InferenceConfig
 from ..data.geometry import Volume
-from ..data.labels import indices_to_values
+from ..data.labels import indices_to_values, values_to_indices
 from ..errors import CheckpointError, InputError
 from ..gmm.prototypes import ClassPrototypes, check_compatible
 from ..heal.denoising import nig_variance_map
@@ -41,14 +47,15 @@ from ..utils.device import resolve_device
 from ..utils.progress import ProgressReporter
 from .disagreement import label_disagreement, probability_disagreement
 from .entropy import voxel_entropy
-from .flip_tta import flip_tta
+from .flip_tta import FlipTTA, flip_tta
+from .label_error import label_error
 from .mahalanobis import mahalanobis_map
 from .reliability import DEFAULT_TABLE
 from .review import review_uncertainty
 from .temperature import apply_temperature
 
-MAP_NAMES = ("calibrated_entropy", "nig_variance", "flip_entropy", "flip_variance", "mahalanobis", "disagreement",
-             "label_disagreement")
+MAP_NAMES = ("label_error", "flip_label_error", "calibrated_entropy", "nig_variance", "flip_entropy", "flip_variance",
+             "mahalanobis", "disagreement", "label_disagreement")
 
 
 class _Networks:
@@ -61,6 +68,7 @@ class _Networks:
         self.device = resolve_device(inference.device)
         self._nets: dict[str, torch.nn.Module] = {}
         self._probs: dict[str, np.ndarray] = {}
+        self._flips: dict[str, FlipTTA] = {}
 
     def net(self, which: str) -> torch.nn.Module:
         """``"source"`` or ``"result"``: the network, in eval mode."""
@@ -78,6 +86,13 @@ class _Networks:
             assert probs is not None
             self._probs[which] = probs
         return self._probs[which]
+
+    def flips(self, which: str, axes: Sequence[str], progress: Optional[ProgressReporter]) -> FlipTTA:
+        """Flip test-time augmentation of the source or result network over ``axes``."""
+        if which not in self._flips:
+            self._flips[which] = flip_tta(self.net(which), self.prepared.image, self.checkpoint.input_spec,
+                                          self.checkpoint.num_classes, self.inference, self.device, axes, progress)
+        return self._flips[which]
 
 
 def add_uncertainty_maps(result: Result, volume: Volume, checkpoint: SourceCheckpoint, names: Sequence[str],
@@ -128,7 +143,7 @@ def add_uncertainty_maps(result: Result, volume: Volume, checkpoint: SourceCheck
         maps["nig_variance"] = nig_variance_map(nets.probabilities("result"), prepared.network_spacing,
                                                 prepared.is_2d)
     if "flip_entropy" in names or "flip_variance" in names:
-        tta = flip_tta(nets.net("result"), prepared.image, spec, k, inference, nets.device, flip_axes, progress)
+        tta = nets.flips("result", flip_axes, progress)
         maps.update({"flip_entropy": tta.entropy, "flip_variance": tta.variance})
     if "mahalanobis" in names:
         prototypes = None if checkpoint.prototypes is None else ClassPrototypes.from_state(checkpoint.prototypes)
@@ -143,6 +158,15 @@ def add_uncertainty_maps(result: Result, volume: Volume, checkpoint: SourceCheck
         maps["disagreement"] = probability_disagreement(nets.probabilities("source"), nets.probabilities("result"))
     on_input = {name: prepared.to_input_grid(values, is_label=False).astype(np.float32)
                 for name, values in maps.items() if name in names}
+    networks = ["source"] + (["result"] if model_checkpoint is not None else [])
+    label_indices = values_to_indices(result.labels, checkpoint.classes, "result labels")
+    if "label_error" in names:
+        on_input["label_error"] = label_error([prepared.to_input_grid(nets.probabilities(n), is_label=False)
+                                               for n in networks], label_indices)
+    if "flip_label_error" in names:
+        on_input["flip_label_error"] = label_error(
+            [prepared.to_input_grid(nets.flips(n, flip_axes, progress).mean, is_label=False) for n in networks],
+            label_indices)
     if "label_disagreement" in names:
         source = result.label_maps.get("pseudo_labels")
         if source is None:

@@ -3,14 +3,16 @@ rank correlation, for every candidate map and every method.
 
 For each case and method (no adaptation, HEAL's denoising Y*, full HEAL with the candidate
 spread, GMM) the method's own errors (labels != truth) inside the body mask are scored against
-every map: the method's own maps (entropy; NIG variance and candidate spread for HEAL), the
-temperature-scaled entropy, HEAL's NIG variance of the method's probabilities, flip test-time augmentation (entropy of the mean, variance), the
-Mahalanobis distance to the source class Gaussians, the source/adapted disagreement (GMM, in
-probabilities; HEAL and GMM, in labels), and, for GMM, the source network's maps
-(``source_*``). Printed: mean voxel AUROC and AUPRC over the cases, the expected calibration
-error of the probabilities (raw and temperature-scaled; 15 equal-width bins), and per
-structure Spearman's correlation across cases between the map's mean inside the predicted
-structure and 1 - Dice.
+every map: the method's own maps (entropy, label error; NIG variance and candidate spread for
+HEAL; NIG variance, disagreement and label error over flips for GMM), the temperature-scaled
+entropy, HEAL's NIG variance of the method's probabilities, flip test-time augmentation
+(entropy of the mean, variance, label error), the Mahalanobis distance to the source class
+Gaussians, the source/adapted disagreement (GMM, in probabilities; HEAL and GMM, in labels),
+and, for GMM, the source network's maps (``source_*``). Printed: mean voxel AUROC and AUPRC
+over the cases, the expected calibration error of the probabilities (raw and
+temperature-scaled; 15 equal-width bins), per structure Spearman's correlation across cases
+between the map's mean inside the predicted structure and 1 - Dice, and each adapted map
+against the entropy and the label error before adaptation, paired per case.
 
 ``--phantoms``: a small 2D source model (and its diffusion model and prototypes) trained on
 64x64 source-modality phantoms, the temperature fitted on other source phantoms, then
@@ -54,6 +56,7 @@ from SFUDASegmentLib.data.geometry import Volume  # noqa: E402
 from SFUDASegmentLib.data.labels import values_to_indices  # noqa: E402
 from SFUDASegmentLib.data.synthetic import make_phantom_set  # noqa: E402
 from SFUDASegmentLib.evaluation.metrics import dice  # noqa: E402
+from SFUDASegmentLib.evaluation.paired import paired_difference  # noqa: E402
 from SFUDASegmentLib.evaluation.uncertainty_metrics import (expected_calibration_error,  # noqa: E402
                                                             spearman, voxel_auprc, voxel_auroc)
 from SFUDASegmentLib.gmm import fit_prototypes, gmm_adapt  # noqa: E402
@@ -67,7 +70,9 @@ from SFUDASegmentLib.uncertainty.maps import add_uncertainty_maps  # noqa: E402
 from SFUDASegmentLib.uncertainty.temperature import apply_temperature, fit_temperature  # noqa: E402
 
 #: Maps of the network behind a result that :func:`measure_case` adds.
-NETWORK_MAPS = ("nig_variance", "flip_entropy", "flip_variance", "mahalanobis")
+NETWORK_MAPS = ("nig_variance", "flip_entropy", "flip_variance", "mahalanobis", "flip_label_error")
+#: Maps about the labels a result shows: the source network's are not copied to another method.
+LABEL_ERROR_MAPS = ("label_error", "flip_label_error")
 ECE_BINS = 15
 
 
@@ -138,11 +143,12 @@ def measure_case(volume: Volume, truth: np.ndarray, checkpoint: SourceCheckpoint
             names = list(NETWORK_MAPS) + ["disagreement", "label_disagreement"] + (
                 ["calibrated_entropy"] if checkpoint.temperature is not None else [])
             maps, seconds = _with_maps(output, volume, checkpoint, names, inference)
-            maps.update({f"source_{k}": v for k, v in source_maps.items()})
+            maps.update({f"source_{k}": v for k, v in source_maps.items() if k not in LABEL_ERROR_MAPS})
         elif result.method == "none":
             maps, seconds = source_maps, source_seconds
-        else:  # HEAL: the source network's maps, and where its labels left the source labels
-            maps, seconds = _with_maps(output, volume, checkpoint, ["label_disagreement"], inference)
+        else:  # HEAL: the source network's maps, its label error over flips, where it left the source labels
+            maps, seconds = _with_maps(output, volume, checkpoint, ["label_disagreement", "flip_label_error"],
+                                       inference)
             maps.update({k: v for k, v in source_maps.items() if k not in maps})
         errors = (result.labels != truth) & body
         record: dict[str, Any] = {"auroc": {}, "auprc": {}, "ece": {}, "structures": {},
@@ -206,6 +212,36 @@ def print_table(rows: Sequence[Mapping[str, Any]], cases: Sequence[Mapping[str, 
               f"ECE {ece['raw']:.4f} / {ece['temperature']:.4f}; {np.mean([r['map_seconds'] for r in records]):.2f} s")
 
 
+def against_before_adaptation(cases: Sequence[Mapping[str, Any]], baselines: Sequence[str] = ("entropy", "label_error")
+                              ) -> list[dict[str, Any]]:
+    """Is a method's map as good at finding its errors as a map before adaptation was at finding
+    the unadapted errors? Per case, the map's AUROC minus no adaptation's AUROC with each
+    baseline map; one row per (method, map, baseline) with the paired mean, its 95 % t interval
+    and the gains / losses (methods other than ``"none"``, cases where both are defined)."""
+    rows = []
+    for method in [m for m in cases[0] if m != "none"]:
+        for name in cases[0][method]["auroc"]:
+            for baseline in baselines:
+                pairs = [(c[method]["auroc"].get(name, np.nan), c["none"]["auroc"].get(baseline, np.nan))
+                         for c in cases if method in c]
+                pairs = [p for p in pairs if np.isfinite(p[0]) and np.isfinite(p[1])]
+                if len(pairs) < 2:
+                    continue
+                d = paired_difference([p[0] for p in pairs], [p[1] for p in pairs])
+                rows.append({"method": method, "map": name, "baseline": baseline, "mean": d.mean, "low": d.low,
+                             "high": d.high, "gains": d.gains, "losses": d.losses, "cases": d.n})
+    return rows
+
+
+def print_against_before_adaptation(rows: Sequence[Mapping[str, Any]]) -> None:
+    """The rows of :func:`against_before_adaptation`."""
+    print("\nAUROC of each method's map for its errors minus no adaptation's map for its errors (paired, 95 % t "
+          "interval, gains/losses)")
+    for r in rows:
+        print(f"{r['method']:8s} {r['map']:24s} - none {r['baseline']:12s} {r['mean']:+.4f} "
+              f"[{r['low']:+.4f}, {r['high']:+.4f}] {r['gains']}/{r['losses']}")
+
+
 # ----------------------------------------------------------------------------- phantoms
 
 
@@ -258,10 +294,12 @@ def run_phantoms(args: argparse.Namespace) -> dict[str, Any]:
     print(f"\n{args.size}x{args.size} phantoms, gap {args.gap}, {args.cases} target cases; GMM {args.gmm_iterations} "
           f"iterations; HEAL n={args.candidates} DDIM-{args.steps}; training {train_seconds:.0f} s")
     print_table(rows, cases)
+    paired = against_before_adaptation(cases)
+    print_against_before_adaptation(paired)
     if heal_seconds:
         spread, total = np.mean(heal_seconds, axis=0)
         print(f"candidate spread: {spread:.3f} s of HEAL's {total:.2f} s per case ({100 * spread / total:.1f} %)")
-    return {"args": vars(args), "rows": rows, "cases": cases, "train_seconds": train_seconds,
+    return {"args": vars(args), "rows": rows, "cases": cases, "paired": paired, "train_seconds": train_seconds,
             "candidate_spread_seconds": heal_seconds}
 
 
@@ -305,7 +343,9 @@ def run_brats(args: argparse.Namespace) -> dict[str, Any]:
     print(f"\nBraTS 2018 {source.upper()} -> {target.upper()}, {len(cases)} target cases (2 mm, each fold's model on "
           f"patients it never saw); GMM {args.gmm_iterations} iterations; {time.perf_counter() - t0:.0f} s")
     print_table(rows, cases)
-    return {"args": vars(args), "rows": rows, "cases": cases}
+    paired = against_before_adaptation(cases)
+    print_against_before_adaptation(paired)
+    return {"args": vars(args), "rows": rows, "cases": cases, "paired": paired}
 
 
 def main() -> None:
