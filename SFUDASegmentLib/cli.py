@@ -227,7 +227,7 @@ def cmd_segment(args: argparse.Namespace, progress: Optional[ProgressReporter],
     checkpoint = SourceCheckpoint.load(args.checkpoint)
     volume = read_image(args.image)
     outputs.require_free_space(result_bytes(volume.array.shape[:volume.geometry.ndim],
-                                            float_maps=2 * int(args.uncertainty), label_maps=1))
+                                            float_maps=int(args.uncertainty), label_maps=1))
     config = InferenceConfig(device=args.device, batch_size=args.batch_size, overlap=args.overlap)
     result = segment(checkpoint, volume, config, "probabilities" if args.uncertainty else "labels", progress)
     report = write_result_files(result, folder, input_path=args.image, checkpoint_path=args.checkpoint)
@@ -264,8 +264,8 @@ def cmd_adapt(args: argparse.Namespace, progress: Optional[ProgressReporter],
     if method != "gmm" and len(volumes) > 1:
         raise InputError(f"--method {method} adapts one image at a time; give one --image "
                          "(several --image are for --method gmm).")
-    # float maps (entropy, label error, NIG variance, candidates, GMM's disagreement and flip label error), label maps
-    maps = {"none": (2, 1), "heal": (3 + args.candidates, 5), "gmm": (5, 2)}[method]
+    # float maps (entropy, NIG variance, candidates; GMM's disagreement and ensemble entropy), label maps
+    maps = {"none": (1, 1), "heal": (2 + args.candidates, 5), "gmm": (4, 2)}[method]
     outputs.require_free_space(sum(result_bytes(v.array.shape[:v.geometry.ndim], *maps) for v in volumes)
                                + (os.path.getsize(args.checkpoint) if adapted_path else 0))
     if method == "none":
@@ -732,8 +732,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep the source model's segmentation (and warn) when the adapted foreground agrees "
                         "with it below this Dice; 0 turns the guard off")
     g.add_argument("--no-flip-uncertainty", action="store_true",
-                   help="skip flip_label_error, GMM's default overlay (8 more inferences per scan: the source and "
-                        "the adapted network over 4 flips); label_error, which costs nothing, stays")
+                   help="skip ensemble_entropy, GMM's default overlay (8 more inferences per scan: the source and "
+                        "the adapted network over 4 flips); the maps that cost nothing extra stay")
     g.add_argument("--save-adapted", help="also write the adapted model as a new checkpoint")
     p.add_argument("--cohort", action="store_true",
                    help="adapt every --image on its own into OUT/case_NNN_<name> and write OUT/cohort.json; "
@@ -784,9 +784,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--result", required=True, help="the --out folder of `sfuda segment` or `sfuda adapt` (not modified)")
     p.add_argument("--out", required=True, help="output folder, new or empty (holds report.json)")
     p.add_argument("--maps", default="flip_entropy,flip_variance",
-                   help="comma-separated: label_error, flip_label_error, calibrated_entropy, nig_variance, flip_entropy, "
-                        "flip_variance, "
-                        "mahalanobis, disagreement (GMM, needs --adapted), label_disagreement")
+                   help="comma-separated: calibrated_entropy, nig_variance, flip_entropy, flip_variance, "
+                        "mahalanobis, disagreement and ensemble_entropy (GMM, need --adapted), label_disagreement")
     p.add_argument("--adapted", help="the adapted checkpoint of a GMM result (`adapt --save-adapted`)")
     p.add_argument("--reliability", help="reliability table (JSON) to choose the map to show from")
     p.add_argument("--target-modality", help="the scan's modality, e.g. FLAIR (for the reliability lookup)")

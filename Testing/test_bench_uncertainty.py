@@ -48,12 +48,10 @@ def test_measure_case_and_summarise(tiny_full_model):
         assert {"nig_variance", "label_disagreement", "flip_entropy"} <= set(record["heal/hd"]["auroc"])
         assert record["heal/hd"]["ece"] == {}
         assert {"disagreement", "label_disagreement", "source_entropy", "source_mahalanobis"} <= set(record["gmm"]["auroc"])
-        for method in outputs:  # the label errors are about each method's own labels
-            assert {"label_error", "flip_label_error"} <= set(record[method]["auroc"])
-        assert "source_label_error" not in record["gmm"]["auroc"]
-        heal_errors = (heal.labels != truth.array) & body
-        assert record["heal/hd"]["auroc"]["label_error"] == pytest.approx(
-            voxel_auroc(heal.maps["label_error"], heal_errors, body))
+        assert {"ensemble_entropy", "source_flip_entropy"} <= set(record["gmm"]["auroc"])
+        gmm_errors = (results[0].labels != truth.array) & body
+        assert record["gmm"]["auroc"]["ensemble_entropy"] == pytest.approx(
+            voxel_auroc(results[0].maps["ensemble_entropy"], gmm_errors, body))
         assert record["gmm"]["structures"]["organ"]["dice"] >= 0
         cases.append(record)
     rows = summarise(cases)
@@ -63,8 +61,8 @@ def test_measure_case_and_summarise(tiny_full_model):
     assert set(row["spearman"]) == {"organ", "vessel"}
     paired = against_before_adaptation(cases)
     assert {r["method"] for r in paired} == {"heal/hd", "gmm"} and {r["baseline"] for r in paired} == {
-        "entropy", "label_error"}
-    row = next(r for r in paired if r["method"] == "gmm" and r["map"] == "flip_label_error" and r["baseline"] == "entropy")
-    differences = [c["gmm"]["auroc"]["flip_label_error"] - c["none"]["auroc"]["entropy"] for c in cases]
+        "entropy", "flip_entropy"}
+    row = next(r for r in paired if r["method"] == "gmm" and r["map"] == "ensemble_entropy" and r["baseline"] == "entropy")
+    differences = [c["gmm"]["auroc"]["ensemble_entropy"] - c["none"]["auroc"]["entropy"] for c in cases]
     assert row["cases"] == 2 and row["mean"] == pytest.approx(np.mean(differences))
     assert row["gains"] == sum(d > 0 for d in differences) and row["low"] <= row["mean"] <= row["high"]

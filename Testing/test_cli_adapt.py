@@ -32,8 +32,7 @@ from tiny_models import TINY_SHAPE, TINY_TIMESTEPS, file_digest, single_thread, 
 
 OBLIQUE = Geometry((2.5, 0.8, 0.9), (-12.5, 30.25, 8.0),
                    (0.8660254, -0.5, 0.0, 0.4698463, 0.8137977, -0.3420201, 0.1710101, 0.2961981, 0.9396926))
-HEAL_STAGE_FILES = {"segmentation", "entropy", "label_error", "nig_variance", "pseudo_labels", "entropy_labels",
-                    "refined_labels"}
+HEAL_STAGE_FILES = {"segmentation", "entropy", "nig_variance", "pseudo_labels", "entropy_labels", "refined_labels"}
 
 
 def run(capsys: pytest.CaptureFixture, *argv: str) -> tuple[int, str, str]:
@@ -163,8 +162,7 @@ def test_adapt_none_on_a_2d_image(capsys, files, tmp_path):
     code, _, err = run(capsys, "adapt", "--method", "none", "--checkpoint", str(files["full"]),
                        "--image", str(files["image_a"]), "--out", str(out), "--device", "cpu")
     assert code == 0, err
-    assert sorted(p.name for p in out.iterdir()) == ["entropy.nii.gz", "label_error.nii.gz", "report.json",
-                                                     "segmentation.nii.gz"]
+    assert sorted(p.name for p in out.iterdir()) == ["entropy.nii.gz", "report.json", "segmentation.nii.gz"]
     image = read_image(files["image_a"])
     expected = segment(SourceCheckpoint.load(files["full"]), image, InferenceConfig(device="cpu"), "probabilities")
     np.testing.assert_array_equal(read_image(out / "segmentation.nii.gz").array, expected.labels)
@@ -199,9 +197,9 @@ def test_adapt_gmm_saves_a_new_checkpoint_and_leaves_the_source_file(capsys, fil
     assert len(entry["loss_curve"]) == 5 and "gmm_adaptation" not in source.provenance
     assert any(not torch.equal(adapted.seg_state[k], source.seg_state[k]) for k in source.seg_state)
     assert adapted.prototypes is not None and adapted.diffusion is not None
-    assert sorted(p.name for p in out.iterdir()) == ["disagreement.nii.gz", "embeddings_pca.png", "entropy.nii.gz",
-                                                     "flip_label_error.nii.gz", "label_error.nii.gz",
-                                                     "nig_variance.nii.gz", "report.json", "segmentation.nii.gz"]
+    assert sorted(p.name for p in out.iterdir()) == ["disagreement.nii.gz", "embeddings_pca.png", "ensemble_entropy.nii.gz",
+                                                     "entropy.nii.gz", "nig_variance.nii.gz", "report.json",
+                                                     "segmentation.nii.gz"]
     for path in out.glob("*.nii.gz"):
         assert_same_geometry(path, files["image_a"])
     report = json.loads((out / "report.json").read_text())
@@ -229,9 +227,8 @@ def test_adapt_gmm_with_several_images_writes_one_folder_each(capsys, files, tmp
     assert summary["method_choice"]["method"] == "gmm" and len(summary["cases"]) == 2
     for folder, image in zip(folders, ("image_a", "image_b")):
         assert {p.name for p in (out / folder).iterdir()} == {"segmentation.nii.gz", "entropy.nii.gz",
-                                                              "label_error.nii.gz", "disagreement.nii.gz",
-                                                              "nig_variance.nii.gz", "report.json",
-                                                              "embeddings_pca.png"}  # no flip_label_error
+                                                              "disagreement.nii.gz", "nig_variance.nii.gz",
+                                                              "report.json", "embeddings_pca.png"}  # no ensemble
         assert_same_geometry(out / folder / "segmentation.nii.gz", files[image])
         assert json.loads((out / folder / "report.json").read_text())["input"] == str(files[image])
     assert [entry["out"] for entry in json.loads(stdout)] == [str(out / f) for f in folders]

@@ -25,7 +25,7 @@ from tiny_models import dice, single_thread, tiny_full_model, tree_snapshot  # n
 METHODS = ("none", "heal", "heal_diffusion", "gmm")
 NIFTI = ["target_image", "same_case_in_source_modality", "reference_labels", "segmentation_none",
          "segmentation_heal", "segmentation_heal_diffusion", "segmentation_gmm", "heal_entropy",
-         "heal_label_error", "heal_nig_variance", "heal_refined_labels"]
+         "heal_nig_variance", "heal_refined_labels"]
 
 
 def _stand_in(folder: Path, monkeypatch: pytest.MonkeyPatch, checkpoint: Path) -> Path:

@@ -12,7 +12,6 @@ import torch
 
 from SFUDASegmentLib.checkpoint import SourceCheckpoint
 from SFUDASegmentLib.config import GMMConfig, HEALConfig, InferenceConfig, InputSpec
-from SFUDASegmentLib.data.labels import values_to_indices
 from SFUDASegmentLib.data.geometry import Volume
 from SFUDASegmentLib.errors import CheckpointError, InputError
 from SFUDASegmentLib.gmm.adaptation import adapted_checkpoint, gmm_adapt
@@ -24,7 +23,7 @@ from SFUDASegmentLib.uncertainty.candidate_spread import candidate_spread, candi
 from SFUDASegmentLib.uncertainty.disagreement import label_disagreement, probability_disagreement
 from SFUDASegmentLib.uncertainty.entropy import voxel_entropy
 from SFUDASegmentLib.uncertainty.flip_tta import flip_combinations, flip_tta
-from SFUDASegmentLib.uncertainty.label_error import label_error
+from SFUDASegmentLib.uncertainty.ensemble import ensemble_entropy
 from SFUDASegmentLib.uncertainty.mahalanobis import mahalanobis_map, nearest_class_distance
 from SFUDASegmentLib.uncertainty.maps import add_uncertainty_maps
 from SFUDASegmentLib.uncertainty.temperature import apply_temperature, fit_temperature, nll_optimal_temperature
@@ -52,27 +51,19 @@ def test_label_disagreement_marks_changed_voxels():
         label_disagreement(np.zeros((2, 2)), np.zeros((2, 3)))
 
 
-def test_label_error_by_hand():
-    source = np.array([[0.7, 0.1, 0.5], [0.2, 0.0, 0.5], [0.1, 0.9, 0.0]], dtype=np.float32)
-    adapted = np.array([[0.1, 0.0, 0.0], [0.3, 0.0, 0.2], [0.6, 1.0, 0.8]], dtype=np.float16)
-    labels = np.array([0, 2, 1])
-    # one network: 1 - 0.7, 1 - 0.9, 1 - 0.5
-    np.testing.assert_allclose(label_error([source], labels), [0.3, 0.1, 0.5], atol=1e-6)
-    # two: 1 - (0.7 + 0.1) / 2, 1 - (0.9 + 1.0) / 2, 1 - (0.5 + 0.2) / 2
-    np.testing.assert_allclose(label_error([source, adapted], labels), [0.6, 0.05, 0.65], atol=1e-3)
-    assert label_error([source, adapted], labels).dtype == np.float32
-
-
-def test_label_error_refuses_what_it_cannot_score():
-    probs = np.full((3, 2, 2), 1 / 3, dtype=np.float32)
+def test_ensemble_entropy_is_the_entropy_of_the_members_mean():
+    source = np.array([[0.9, 0.5, 1.0], [0.1, 0.5, 0.0]], dtype=np.float32)
+    adapted = np.array([[0.1, 0.5, 1.0], [0.9, 0.5, 0.0]], dtype=np.float16)
+    # means 0.5/0.5 -> 1 bit, 0.5/0.5 -> 1 bit, 1/0 -> 0; each member alone is sure on voxel 0
+    np.testing.assert_allclose(ensemble_entropy([source, adapted]), [1.0, 1.0, 0.0], atol=1e-4)
+    h = -(0.9 * np.log2(0.9) + 0.1 * np.log2(0.1))
+    np.testing.assert_allclose(ensemble_entropy([source])[0], h, atol=1e-5)
     with pytest.raises(InputError, match="at least one network"):
-        label_error([], np.zeros((2, 2), dtype=int))
+        ensemble_entropy([])
     with pytest.raises(InputError, match="share one shape"):
-        label_error([probs, probs[:, :1]], np.zeros((2, 2), dtype=int))
-    with pytest.raises(InputError, match="integer class indices shaped"):
-        label_error([probs], np.zeros((2, 2)))
-    with pytest.raises(InputError, match="outside"):
-        label_error([probs], np.array([[0, 1], [2, 3]]))
+        ensemble_entropy([source, adapted[:, :2]])
+    with pytest.raises(InputError, match="probabilities"):
+        ensemble_entropy([source, np.array([[3.0, 0.0, 0.0], [0.0, 1.0, 1.0]])])
 
 
 def test_candidate_votes_and_spread_by_hand():
@@ -190,7 +181,7 @@ def test_a_stored_temperature_that_is_not_positive_is_refused(tiny_full_model, t
 def test_segment_adds_the_calibrated_entropy_only_when_the_checkpoint_has_a_temperature(tiny_full_model):
     image = tiny_full_model.held_out[0][0]
     plain = segment(tiny_full_model.checkpoint, image, CPU)
-    assert sorted(plain.maps) == ["entropy", "label_error"]  # the free maps
+    assert sorted(plain.maps) == ["entropy"]  # default outputs unchanged
     scaled = segment(replace(tiny_full_model.checkpoint, temperature=3.0), image, CPU)
     np.testing.assert_array_equal(scaled.labels, plain.labels)
     expected = voxel_entropy(apply_temperature(plain.probabilities, 3.0))
@@ -288,48 +279,28 @@ def test_add_uncertainty_maps_to_no_adaptation_heal_and_gmm(tiny_full_model):
     np.testing.assert_allclose(results[0].maps["nig_variance"], again.maps["nig_variance"], atol=2e-3)
 
 
-def _support(probabilities: np.ndarray, labels: np.ndarray, checkpoint) -> np.ndarray:
-    """The probability each voxel's label gets (reference for the label error)."""
-    indices = values_to_indices(labels, checkpoint.classes)
-    return np.take_along_axis(probabilities.astype(np.float32), indices[None], 0)[0]
-
-
-def test_each_method_returns_the_label_error_of_the_labels_it_shows(tiny_full_model):
+def test_gmm_returns_the_ensemble_entropy_of_the_source_and_adapted_networks_over_flips(tiny_full_model):
     image = tiny_full_model.held_out[1][0]
     checkpoint = tiny_full_model.checkpoint
-    none = segment(checkpoint, image, CPU)
-    np.testing.assert_allclose(none.maps["label_error"], 1 - none.probabilities.astype(np.float32).max(axis=0),
-                               atol=2e-3)
-    heal = heal_adapt(image, checkpoint, HEALConfig(stages="hd"), CPU)  # source probabilities, HEAL's labels
-    assert (heal.labels != none.labels).any()
-    np.testing.assert_allclose(heal.maps["label_error"], 1 - _support(none.probabilities, heal.labels, checkpoint),
-                               atol=2e-3)
     config = GMMConfig(iterations=3)
     results, adaptation = gmm_adapt(image, checkpoint, config, CPU)
     gmm = results[0]
     adapted = adapted_checkpoint(checkpoint, adaptation, config, ["target"])
-    adapted_probs = segment(adapted, image, CPU).probabilities
-    both = (_support(none.probabilities, gmm.labels, checkpoint) + _support(adapted_probs, gmm.labels, checkpoint)) / 2
-    np.testing.assert_allclose(gmm.maps["label_error"], 1 - both, atol=2e-3)
     prepared = prepare_input(image, checkpoint.input_spec)
-    flips = [flip_tta(c.build_segmentation_net(torch.device("cpu")), prepared.image, checkpoint.input_spec, 3, CPU,
-                      torch.device("cpu")).mean for c in (checkpoint, adapted)]
-    flipped = sum(_support(prepared.to_input_grid(m, False), gmm.labels, checkpoint) for m in flips) / 2
-    np.testing.assert_allclose(gmm.maps["flip_label_error"], 1 - flipped, atol=2e-3)
+    means = [flip_tta(c.build_segmentation_net(torch.device("cpu")), prepared.image, checkpoint.input_spec, 3,
+                      replace(CPU, probabilities_dtype="float32"), torch.device("cpu")).mean
+             for c in (checkpoint, adapted)]
+    expected = prepared.to_input_grid(voxel_entropy((means[0] + means[1]) / 2), is_label=False)
+    np.testing.assert_allclose(gmm.maps["ensemble_entropy"], expected, atol=5e-3)
+    assert not np.allclose(gmm.maps["ensemble_entropy"], gmm.maps["entropy"], atol=5e-3)  # not the adapted one's
     assert gmm.timings["seconds"]["flip_uncertainty"] > 0
-    # the same maps when asked for afterwards; off, only the free one
-    bare = replace(gmm, maps={})
-    again = add_uncertainty_maps(bare, image, checkpoint, ["label_error", "flip_label_error"], adapted, CPU)
-    for name in ("label_error", "flip_label_error"):
-        np.testing.assert_allclose(again.maps[name], gmm.maps[name], atol=2e-3)
+    assert "mean_ensemble_entropy" in gmm.structure_stats[0]
+    # the same map when asked for afterwards; switched off, not computed
+    again = add_uncertainty_maps(replace(gmm, maps={}), image, checkpoint, ["ensemble_entropy"], adapted, CPU)
+    np.testing.assert_allclose(again.maps["ensemble_entropy"], gmm.maps["ensemble_entropy"], atol=5e-3)
     quick = gmm_adapt(image, checkpoint, replace(config, flip_uncertainty=False), CPU)[0][0]
-    assert "label_error" in quick.maps and "flip_label_error" not in quick.maps
-    # no adaptation: over flips of the source network alone
-    source_only = add_uncertainty_maps(segment(checkpoint, image, CPU), image, checkpoint, ["flip_label_error"],
-                                       inference=CPU)
-    np.testing.assert_allclose(source_only.maps["flip_label_error"],
-                               1 - _support(prepared.to_input_grid(flips[0], False), none.labels, checkpoint),
-                               atol=2e-3)
+    assert "ensemble_entropy" not in quick.maps and "flip_uncertainty" not in quick.timings["seconds"]
+    np.testing.assert_array_equal(quick.labels, gmm.labels)
 
 
 def test_add_uncertainty_maps_errors(tiny_full_model):
@@ -340,8 +311,9 @@ def test_add_uncertainty_maps_errors(tiny_full_model):
         add_uncertainty_maps(result, image, checkpoint, ["entropy_of_something"], inference=CPU)
     with pytest.raises(CheckpointError, match="fit-temperature"):
         add_uncertainty_maps(result, image, checkpoint, ["calibrated_entropy"], inference=CPU)
-    with pytest.raises(InputError, match="adapted checkpoint"):
-        add_uncertainty_maps(result, image, checkpoint, ["disagreement"], inference=CPU)
+    for name in ("disagreement", "ensemble_entropy"):
+        with pytest.raises(InputError, match="adapted checkpoint"):
+            add_uncertainty_maps(result, image, checkpoint, [name], inference=CPU)
     with pytest.raises(CheckpointError, match="prototypes"):
         add_uncertainty_maps(result, image, replace(checkpoint, prototypes=None), ["mahalanobis"], inference=CPU)
     other = Volume(np.pad(image.array, 2), image.geometry)

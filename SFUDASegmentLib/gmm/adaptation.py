@@ -29,8 +29,8 @@ from ..inference.segment import result_from_prediction
 from ..results.result import Result, structure_statistics
 from ..heal.denoising import nig_variance_map
 from ..uncertainty.disagreement import probability_disagreement
+from ..uncertainty.ensemble import ensemble_entropy
 from ..uncertainty.flip_tta import flip_tta
-from ..uncertainty.label_error import label_error
 from ..uncertainty.review import review_uncertainty
 from ..utils.device import StageTimer, autocast, free_memory, resolve_device
 from ..utils.progress import ProgressReporter, report
@@ -274,9 +274,9 @@ def gmm_adapt(volumes: Volume | Sequence[Volume], checkpoint: SourceCheckpoint,
     Returns:
         One Result per volume (method ``"gmm"``; report entries ``swd_before``, ``swd_after``,
         ``loss_curve``; maps ``entropy`` of the kept prediction, ``disagreement`` with the source
-        prediction, ``nig_variance``, and ``label_error`` / ``flip_label_error``: one minus the
-        support the source and the adapted network give to the kept label, plain and over flips,
-        see ``uncertainty/label_error.py``) and the adaptation record.
+        prediction, ``nig_variance`` and, with ``config.flip_uncertainty``, ``ensemble_entropy``:
+        the entropy of the mean probabilities of the source and the adapted network over flips,
+        see ``uncertainty/ensemble.py``) and the adaptation record.
     """
     volumes = [volumes] if isinstance(volumes, Volume) else list(volumes)
     if not volumes:
@@ -313,14 +313,12 @@ def gmm_adapt(volumes: Volume | Sequence[Volume], checkpoint: SourceCheckpoint,
                 result.label_maps["gmm_adapted_labels"] = indices_to_values(
                     prepared.to_input_grid(indices.astype(np.int64), is_label=True), checkpoint.classes)
             maps = {"disagreement": probability_disagreement(source_probs, probs),
-                    "nig_variance": nig_variance_map(kept_probs, prepared.network_spacing, prepared.is_2d),
-                    "label_error": label_error([source_probs, probs], kept_indices)}
+                    "nig_variance": nig_variance_map(kept_probs, prepared.network_spacing, prepared.is_2d)}
         if config.flip_uncertainty:
             with timer.stage("flip_uncertainty"):
-                means = [flip_tta(net, prepared.image, checkpoint.input_spec, checkpoint.num_classes, inference,
-                                  device, progress=progress).mean for net in (source_model, adaptation.model)]
-                maps["flip_label_error"] = label_error(means, kept_indices)
-                del means
+                maps["ensemble_entropy"] = ensemble_entropy(
+                    [flip_tta(net, prepared.image, checkpoint.input_spec, checkpoint.num_classes, inference, device,
+                              progress=progress).mean for net in (source_model, adaptation.model)])
         with timer.stage("postprocess"):
             result.maps.update({name: prepared.to_input_grid(values, is_label=False).astype(np.float32)
                                 for name, values in maps.items()})

@@ -1,7 +1,7 @@
 """Segment an image with a source checkpoint (method "none": no adaptation).
 
 Returns the library's :class:`~SFUDASegmentLib.results.result.Result` in the input's geometry: labels,
-optionally class probabilities (float16 by default), their voxel entropy and label error, and per-structure
+optionally class probabilities (float16 by default) and their voxel entropy, and per-structure
 statistics. With ``output="labels"`` no probability map of every class is ever held in float32.
 """
 
@@ -19,7 +19,6 @@ from ..data.labels import indices_to_values
 from ..errors import InputError
 from ..results.result import Result, structure_statistics
 from ..uncertainty.entropy import voxel_entropy
-from ..uncertainty.label_error import label_error
 from ..uncertainty.review import review_uncertainty
 from ..uncertainty.temperature import apply_temperature
 from ..utils.device import StageTimer, free_memory, resolve_device
@@ -69,9 +68,8 @@ def result_from_prediction(method: str, checkpoint: SourceCheckpoint, prepared: 
                            indices: np.ndarray, probabilities: Optional[np.ndarray]) -> Result:
     """Build a Result on the input grid from network-grid class indices and probabilities.
 
-    Maps (with probabilities): ``entropy``, ``label_error`` (one minus the probability of the
-    label shown, ``uncertainty/label_error.py``) and, when the checkpoint has a fitted
-    temperature, ``calibrated_entropy`` (the entropy of the temperature-scaled probabilities).
+    Maps (with probabilities): ``entropy`` and, when the checkpoint has a fitted temperature,
+    ``calibrated_entropy`` (the entropy of the temperature-scaled probabilities).
 
     Args:
         indices: ``(Z, Y, X)`` class indices on the network grid.
@@ -82,8 +80,6 @@ def result_from_prediction(method: str, checkpoint: SourceCheckpoint, prepared: 
     if probabilities is not None:
         input_probs = prepared.to_input_grid(probabilities, is_label=False).astype(probabilities.dtype)
         maps["entropy"] = prepared.to_input_grid(voxel_entropy(probabilities), is_label=False).astype(np.float32)
-        maps["label_error"] = prepared.to_input_grid(label_error([probabilities], indices),
-                                                     is_label=False).astype(np.float32)
         if checkpoint.temperature is not None:
             calibrated = voxel_entropy(apply_temperature(probabilities, checkpoint.temperature))
             maps["calibrated_entropy"] = prepared.to_input_grid(calibrated, is_label=False).astype(np.float32)

@@ -27,9 +27,9 @@ class Result:
         geometry: the input's geometry (so the arrays can be written back exactly).
         probabilities: class probabilities ``(C, z, y, x)`` with C = 1 + len(classes)
             (background first), float16 or float32; None when only labels were asked for.
-        maps: float32 uncertainty maps on the input grid, e.g. ``"entropy"`` and
-            ``"label_error"`` (every method), ``"nig_variance"`` (HEAL, GMM),
-            ``"flip_label_error"`` (GMM); see ``uncertainty/maps.py``.
+        maps: float32 uncertainty maps on the input grid, e.g. ``"entropy"`` (every method),
+            ``"nig_variance"`` (HEAL, GMM), ``"ensemble_entropy"`` (GMM); see
+            ``uncertainty/maps.py``.
         label_maps: intermediate label maps on the input grid, e.g. ``"pseudo_labels"`` (Y_T),
             ``"entropy_labels"`` (Y_ent), ``"refined_labels"`` (Y*), ``"selected_segmentation"``
             (M_S(I_B)).

@@ -80,14 +80,13 @@ OVERLAY_LABELS: dict[str, str] = {"recommended": "Recommended map", "entropy": "
 #: Title of each uncertainty map's colour legend in the views (every map a result can carry).
 OVERLAY_LEGEND_TITLES: dict[str, str] = {
     "entropy": "Voxel entropy (bits)",
-    "label_error": "Chance the shown label is wrong",
-    "flip_label_error": "Chance the shown label is wrong (over flipped inputs)",
     "nig_variance": "NIG variance (normalised)",
     "calibrated_entropy": "Entropy of the temperature-scaled probabilities (bits)",
     "flip_entropy": "Entropy over flipped inputs (bits)",
     "flip_variance": "Variance over flipped inputs",
     "mahalanobis": "Distance to the source class Gaussians",
     "disagreement": "Source vs adapted disagreement",
+    "ensemble_entropy": "Entropy of the source and adapted networks over flips (bits)",
     "label_disagreement": "Labels changed by the adaptation",
     "candidate_spread": "Spread of the candidates' segmentations",
 }

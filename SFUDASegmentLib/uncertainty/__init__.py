@@ -1,9 +1,9 @@
 """Uncertainty measures of a segmentation, and what a reader is told about them.
 
 Maps (one concept per module, arrays ``(C, *S)`` / ``(*S)``): ``entropy`` (voxel entropy),
-``label_error`` (one minus the networks' support for the label shown),
-``disagreement`` (source vs adapted prediction), ``candidate_spread`` (the source model's
-segmentations of HEAL's candidates), ``flip_tta`` (flip test-time augmentation),
+``disagreement`` (source vs adapted prediction), ``ensemble`` (the entropy of the source and
+adapted networks together), ``candidate_spread`` (the source model's segmentations of HEAL's
+candidates), ``flip_tta`` (flip test-time augmentation),
 ``temperature`` (temperature scaling fitted on the source side), ``mahalanobis`` (embedding
 distance to the source class Gaussians); ``maps`` adds them to a method's result. HEAL's NIG
 variance stays in ``heal/denoising.py``.

@@ -1,15 +1,12 @@
 """The optional uncertainty maps of a result, computed after its method ran.
 
-Every method returns the maps it gets for free (``entropy`` and ``label_error``;
-``nig_variance`` for HEAL and GMM; ``calibrated_entropy`` when the checkpoint has a temperature;
-``candidate_spread`` when HEAL was asked for it; GMM also ``disagreement`` and, unless
-``GMMConfig.flip_uncertainty`` is off, ``flip_label_error``). :func:`add_uncertainty_maps` adds the ones that cost extra inference, from the
+Every method returns the maps it gets for free (``entropy``; ``nig_variance`` for HEAL and GMM;
+``calibrated_entropy`` when the checkpoint has a temperature; ``candidate_spread`` when HEAL was
+asked for it; GMM also ``disagreement`` and, unless ``GMMConfig.flip_uncertainty`` is off,
+``ensemble_entropy``). :func:`add_uncertainty_maps` adds the ones that cost extra inference, from the
 scan, the source checkpoint and, for GMM, the adapted checkpoint:
 
 =======================  ================================================================
-``label_error``          one minus the probability the networks behind the result give to
-                         its label (``label_error.py``)
-``flip_label_error``     the same, each network's probabilities the mean over flips
 ``calibrated_entropy``   entropy (bits) of the temperature-scaled probabilities
 ``nig_variance``         HEAL's min-max normalised NIG variance (``heal/denoising.py``,
                          default ``HEALConfig``), of any result's probabilities
@@ -17,14 +14,14 @@ scan, the source checkpoint and, for GMM, the adapted checkpoint:
 ``flip_variance``        across-flip variance of the class probabilities, mean over classes
 ``mahalanobis``          embedding distance to the nearest source class Gaussian
 ``disagreement``         total variation distance, source vs adapted probabilities (GMM)
+``ensemble_entropy``     entropy (bits) of the mean probabilities of the source and the adapted
+                         network, each over flips (GMM; 8 passes, ``ensemble.py``)
 ``label_disagreement``   1 where the result's labels differ from the source model's
 =======================  ================================================================
 
 Probability-based maps use the probabilities of the network behind the result: the adapted
 network for GMM (``model_checkpoint``), the source network for no adaptation and HEAL (whose
-probabilities are the source model's). The label errors average the source network and, for
-GMM, the adapted one: after adaptation the adapted network alone is sure of itself where it is
-wrong, the source network's doubt about the adapted label is not.
+probabilities are the source model's).
 """
 
 from __future__ import annotations
@@ -37,7 +34,7 @@ import torch
 from ..checkpoint import SourceCheckpoint
 from ..config import InferenceConfig
 from ..data.geometry import Volume
-from ..data.labels import indices_to_values, values_to_indices
+from ..data.labels import indices_to_values
 from ..errors import CheckpointError, InputError
 from ..gmm.prototypes import ClassPrototypes, check_compatible
 from ..heal.denoising import nig_variance_map
@@ -47,15 +44,15 @@ from ..utils.device import resolve_device
 from ..utils.progress import ProgressReporter
 from .disagreement import label_disagreement, probability_disagreement
 from .entropy import voxel_entropy
+from .ensemble import ensemble_entropy
 from .flip_tta import FlipTTA, flip_tta
-from .label_error import label_error
 from .mahalanobis import mahalanobis_map
 from .reliability import DEFAULT_TABLE
 from .review import review_uncertainty
 from .temperature import apply_temperature
 
-MAP_NAMES = ("label_error", "flip_label_error", "calibrated_entropy", "nig_variance", "flip_entropy", "flip_variance",
-             "mahalanobis", "disagreement", "label_disagreement")
+MAP_NAMES = ("calibrated_entropy", "nig_variance", "flip_entropy", "flip_variance", "mahalanobis", "disagreement",
+             "ensemble_entropy", "label_disagreement")
 
 
 class _Networks:
@@ -118,14 +115,18 @@ def add_uncertainty_maps(result: Result, volume: Volume, checkpoint: SourceCheck
         progress: progress reporter.
 
     Raises:
-        InputError: an unknown map, a result not on the scan's grid, ``disagreement`` without
-            an adapted checkpoint.
+        InputError: an unknown map, a result not on the scan's grid, ``disagreement`` or
+            ``ensemble_entropy`` without an adapted checkpoint.
         CheckpointError: ``mahalanobis`` without prototypes, ``calibrated_entropy`` without a
             temperature.
     """
     unknown = [n for n in names if n not in MAP_NAMES]
     if unknown:
         raise InputError(f"Unknown uncertainty map(s) {unknown}; choose from {list(MAP_NAMES)}.")
+    for name in ("disagreement", "ensemble_entropy"):
+        if name in names and model_checkpoint is None:
+            raise InputError(f"The {name} map compares the source and the adapted model: give the adapted "
+                             "checkpoint (`sfuda adapt --method gmm --save-adapted`).")
     prepared = prepare_input(volume, checkpoint.input_spec)
     if tuple(result.labels.shape) != tuple(prepared.input_shape):
         raise InputError(f"The result {result.labels.shape} is not on the scan's grid {prepared.input_shape}; "
@@ -152,21 +153,12 @@ def add_uncertainty_maps(result: Result, volume: Volume, checkpoint: SourceCheck
         maps["mahalanobis"] = mahalanobis_map(nets.net("result"), prepared.image, spec, prototypes, nets.device,
                                               inference.batch_size, inference.amp, progress)
     if "disagreement" in names:
-        if model_checkpoint is None:
-            raise InputError("The disagreement map compares the source and the adapted model: give the adapted "
-                             "checkpoint (`sfuda adapt --method gmm --save-adapted`).")
         maps["disagreement"] = probability_disagreement(nets.probabilities("source"), nets.probabilities("result"))
+    if "ensemble_entropy" in names:
+        maps["ensemble_entropy"] = ensemble_entropy([nets.flips(n, flip_axes, progress).mean
+                                                     for n in ("source", "result")])
     on_input = {name: prepared.to_input_grid(values, is_label=False).astype(np.float32)
                 for name, values in maps.items() if name in names}
-    networks = ["source"] + (["result"] if model_checkpoint is not None else [])
-    label_indices = values_to_indices(result.labels, checkpoint.classes, "result labels")
-    if "label_error" in names:
-        on_input["label_error"] = label_error([prepared.to_input_grid(nets.probabilities(n), is_label=False)
-                                               for n in networks], label_indices)
-    if "flip_label_error" in names:
-        on_input["flip_label_error"] = label_error(
-            [prepared.to_input_grid(nets.flips(n, flip_axes, progress).mean, is_label=False) for n in networks],
-            label_indices)
     if "label_disagreement" in names:
         source = result.label_maps.get("pseudo_labels")
         if source is None:

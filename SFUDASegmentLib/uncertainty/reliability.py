@@ -57,11 +57,11 @@ KNOWN_MISLEADING: dict[tuple[str, str], str] = {
 
 #: The map shown when the table has no figure for a method, in order of preference.
 FALLBACK_ORDER: dict[str, tuple[str, ...]] = {
-    "none": ("label_error", "entropy", "calibrated_entropy", "flip_entropy"),
-    "gmm": ("flip_label_error", "label_error", "nig_variance", "disagreement"),
-    "heal": ("label_error", "entropy", "nig_variance", "candidate_spread"),
-    "heal/hd": ("label_error", "entropy", "nig_variance"),
-    "heal/hd+egs": ("label_error", "entropy", "nig_variance", "candidate_spread"),
+    "none": ("entropy", "calibrated_entropy", "flip_entropy"),
+    "gmm": ("ensemble_entropy", "nig_variance", "disagreement"),
+    "heal": ("candidate_spread", "entropy", "nig_variance"),
+    "heal/hd": ("entropy", "nig_variance"),
+    "heal/hd+egs": ("candidate_spread", "entropy", "nig_variance"),
 }
 
 _PHANTOMS: dict[str, Any] = {

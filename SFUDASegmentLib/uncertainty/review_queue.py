@@ -37,11 +37,9 @@ OUTSIDE = "outside structures"
 #: bit is a two-class voxel whose top class has about 0.89 probability. NIG variance (min-max
 #: normalised): HEAL's tau2. Candidate spread: at least 2 of 6 candidates disagree.
 #: Disagreements: the prediction more likely changed than not. Flip variance: a standard
-#: deviation of 0.1 of the class probabilities across flips. Label errors: the shown label has
-#: less than 0.89 support, as at the entropy's 0.5 bit.
+#: deviation of 0.1 of the class probabilities across flips.
 SUSPECT_THRESHOLDS: dict[str, float] = {
-    "entropy": 0.5, "calibrated_entropy": 0.5, "flip_entropy": 0.5, "nig_variance": 0.2,
-    "label_error": 0.11, "flip_label_error": 0.11,
+    "entropy": 0.5, "calibrated_entropy": 0.5, "flip_entropy": 0.5, "ensemble_entropy": 0.5, "nig_variance": 0.2,
     "candidate_spread": 0.25, "disagreement": 0.5, "label_disagreement": 0.5, "flip_variance": 0.01,
 }
 #: Other maps (e.g. the Mahalanobis distance, unbounded): this share of the map's 99th

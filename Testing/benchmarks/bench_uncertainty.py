@@ -3,16 +3,16 @@ rank correlation, for every candidate map and every method.
 
 For each case and method (no adaptation, HEAL's denoising Y*, full HEAL with the candidate
 spread, GMM) the method's own errors (labels != truth) inside the body mask are scored against
-every map: the method's own maps (entropy, label error; NIG variance and candidate spread for
-HEAL; NIG variance, disagreement and label error over flips for GMM), the temperature-scaled
-entropy, HEAL's NIG variance of the method's probabilities, flip test-time augmentation
-(entropy of the mean, variance, label error), the Mahalanobis distance to the source class
+every map: the method's own maps (entropy; NIG variance and candidate spread for HEAL; NIG
+variance, disagreement and the source + adapted ensemble entropy over flips for GMM), the
+temperature-scaled entropy, HEAL's NIG variance of the method's probabilities, flip test-time
+augmentation (entropy of the mean, variance), the Mahalanobis distance to the source class
 Gaussians, the source/adapted disagreement (GMM, in probabilities; HEAL and GMM, in labels),
 and, for GMM, the source network's maps (``source_*``). Printed: mean voxel AUROC and AUPRC
 over the cases, the expected calibration error of the probabilities (raw and
 temperature-scaled; 15 equal-width bins), per structure Spearman's correlation across cases
 between the map's mean inside the predicted structure and 1 - Dice, and each adapted map
-against the entropy and the label error before adaptation, paired per case.
+against the entropy and the flip entropy before adaptation, paired per case.
 
 ``--phantoms``: a small 2D source model (and its diffusion model and prototypes) trained on
 64x64 source-modality phantoms, the temperature fitted on other source phantoms, then
@@ -70,9 +70,7 @@ from SFUDASegmentLib.uncertainty.maps import add_uncertainty_maps  # noqa: E402
 from SFUDASegmentLib.uncertainty.temperature import apply_temperature, fit_temperature  # noqa: E402
 
 #: Maps of the network behind a result that :func:`measure_case` adds.
-NETWORK_MAPS = ("nig_variance", "flip_entropy", "flip_variance", "mahalanobis", "flip_label_error")
-#: Maps about the labels a result shows: the source network's are not copied to another method.
-LABEL_ERROR_MAPS = ("label_error", "flip_label_error")
+NETWORK_MAPS = ("nig_variance", "flip_entropy", "flip_variance", "mahalanobis")
 ECE_BINS = 15
 
 
@@ -140,15 +138,14 @@ def measure_case(volume: Volume, truth: np.ndarray, checkpoint: SourceCheckpoint
     for method, output in outputs.items():
         result = output.result
         if output.model_checkpoint is not None:
-            names = list(NETWORK_MAPS) + ["disagreement", "label_disagreement"] + (
+            names = list(NETWORK_MAPS) + ["disagreement", "ensemble_entropy", "label_disagreement"] + (
                 ["calibrated_entropy"] if checkpoint.temperature is not None else [])
             maps, seconds = _with_maps(output, volume, checkpoint, names, inference)
-            maps.update({f"source_{k}": v for k, v in source_maps.items() if k not in LABEL_ERROR_MAPS})
+            maps.update({f"source_{k}": v for k, v in source_maps.items()})
         elif result.method == "none":
             maps, seconds = source_maps, source_seconds
-        else:  # HEAL: the source network's maps, its label error over flips, where it left the source labels
-            maps, seconds = _with_maps(output, volume, checkpoint, ["label_disagreement", "flip_label_error"],
-                                       inference)
+        else:  # HEAL: the source network's maps, and where its labels left the source labels
+            maps, seconds = _with_maps(output, volume, checkpoint, ["label_disagreement"], inference)
             maps.update({k: v for k, v in source_maps.items() if k not in maps})
         errors = (result.labels != truth) & body
         record: dict[str, Any] = {"auroc": {}, "auprc": {}, "ece": {}, "structures": {},
@@ -212,7 +209,7 @@ def print_table(rows: Sequence[Mapping[str, Any]], cases: Sequence[Mapping[str, 
               f"ECE {ece['raw']:.4f} / {ece['temperature']:.4f}; {np.mean([r['map_seconds'] for r in records]):.2f} s")
 
 
-def against_before_adaptation(cases: Sequence[Mapping[str, Any]], baselines: Sequence[str] = ("entropy", "label_error")
+def against_before_adaptation(cases: Sequence[Mapping[str, Any]], baselines: Sequence[str] = ("entropy", "flip_entropy")
                               ) -> list[dict[str, Any]]:
     """Is a method's map as good at finding its errors as a map before adaptation was at finding
     the unadapted errors? Per case, the map's AUROC minus no adaptation's AUROC with each
