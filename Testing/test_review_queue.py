@@ -175,13 +175,19 @@ def test_the_shipped_table_holds_phantom_and_brats_figures_and_says_which():
     entries = DEFAULT_TABLE["entries"]
     assert {e["phantom"] for e in entries} == {True, False}
     assert all(e["source_modality"] == "phantom-source" for e in entries if e["phantom"])
-    assert all((e["source_modality"], e["target_modality"]) == ("T2", "FLAIR") for e in entries if not e["phantom"])
+    assert {(e["source_modality"], e["target_modality"]) for e in entries if not e["phantom"]} == {
+        ("T2", "FLAIR"), ("T1", "T1c"), ("T1c", "FLAIR")}
     phantom = trust_statement("none", "entropy", DEFAULT_TABLE, "phantom-source", "phantom-target")
     assert phantom["phantom"] and "synthetic phantoms, not on patient scans" in phantom["text"]
     assert any("phantoms" in w for w in phantom["warnings"])
     brats = trust_statement("none", "entropy", DEFAULT_TABLE, "T2", "FLAIR")
     assert not brats["phantom"] and brats["auroc"] == pytest.approx(0.921) and "BraTS" in brats["text"]
     assert not any("phantoms" in w for w in brats["warnings"])
+    # each modality pair gets its own figures: GMM's ensemble entropy on T1c models (FLAIR scans), 0.891
+    t1c = trust_statement("gmm", "ensemble_entropy", DEFAULT_TABLE, "T1c")
+    assert t1c["auroc"] == pytest.approx(0.891) and "2D T1c models" in t1c["measured_on"]
+    assert recommended_map("gmm", ["entropy", "nig_variance", "disagreement", "ensemble_entropy"], DEFAULT_TABLE,
+                           "T2", "FLAIR") == "ensemble_entropy"
     heal = {e["map"]: e["auroc"] for e in DEFAULT_TABLE["entries"] if e["method"] == "heal"}
     assert recommended_map("heal", sorted(heal)) == max(heal, key=heal.get)
 

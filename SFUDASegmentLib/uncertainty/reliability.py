@@ -26,7 +26,8 @@ statement then says which data it came from).
 
 :data:`DEFAULT_TABLE` ships with the library; its figures come from synthetic phantoms
 (``Testing/benchmarks/bench_uncertainty.py --phantoms``, said so in every statement that uses
-them) and from real BraTS 2018 scans, T2 models on FLAIR (``--brats``).
+them) and from real BraTS 2018 scans: T2 models on FLAIR, T1 models on T1c, T1c models on FLAIR
+(``--brats``).
 """
 
 from __future__ import annotations
@@ -105,38 +106,87 @@ PHANTOM_ENTRIES: list[dict[str, Any]] = [
     {**_PHANTOMS, "method": "gmm", "map": "nig_variance", "auroc": 0.771, "auprc": 0.302},
 ]
 
-_BRATS: dict[str, Any] = {
-    "source_modality": "T2", "target_modality": "FLAIR", "cases": 10, "phantom": False,
-    "data": "real BraTS 2018 scans (2D T2 models of the development benchmark, 2 mm, each applied to the FLAIR "
-            "scans of the 5 patients of its fold it never saw; 10 patients in all)"}
+def _brats(source: str, target: str) -> dict[str, Any]:
+    """The fields of a real-BraTS entry: the benchmark's 2D ``source`` models on ``target`` scans."""
+    return {"source_modality": source, "target_modality": target, "cases": 10, "phantom": False,
+            "data": f"real BraTS 2018 scans (2D {source} models of the development benchmark, 2 mm, each applied "
+                    f"to the {target} scans of the 5 patients of its fold it never saw; 10 patients in all)"}
+
+
+_BRATS_T2, _BRATS_T1, _BRATS_T1C = _brats("T2", "FLAIR"), _brats("T1", "T1c"), _brats("T1c", "FLAIR")
 
 #: Figures measured on patient scans: mean voxel AUROC / AUPRC for each method's own errors inside
 #: the brain (``python Testing/benchmarks/bench_uncertainty.py --brats WORKDIR --no-diffusion
-#: --threads 1``, WORKDIR holding ``bench_brats.py``'s models; HEAL's default, denoising only; GMM
-#: 100 iterations, guard off; the README has the whole table).
+#: --threads 1 --direction t2:flair`` and ``t1:t1ce``, ``t1ce:flair``, WORKDIR holding
+#: ``bench_brats.py``'s models; HEAL's default, denoising only; GMM 100 iterations, guard off;
+#: the README has the T2 -> FLAIR table and the default maps of the other two).
 BRATS_ENTRIES: list[dict[str, Any]] = [
-    {**_BRATS, "method": "none", "map": "calibrated_entropy", "auroc": 0.923, "auprc": 0.611},
-    {**_BRATS, "method": "none", "map": "entropy", "auroc": 0.921, "auprc": 0.605},
-    {**_BRATS, "method": "none", "map": "flip_entropy", "auroc": 0.931, "auprc": 0.627},
-    {**_BRATS, "method": "none", "map": "flip_variance", "auroc": 0.897, "auprc": 0.504},
-    {**_BRATS, "method": "none", "map": "mahalanobis", "auroc": 0.671, "auprc": 0.218},
-    {**_BRATS, "method": "none", "map": "nig_variance", "auroc": 0.917, "auprc": 0.532},
-    {**_BRATS, "method": "heal/hd", "map": "calibrated_entropy", "auroc": 0.921, "auprc": 0.601},
-    {**_BRATS, "method": "heal/hd", "map": "entropy", "auroc": 0.920, "auprc": 0.595},
-    {**_BRATS, "method": "heal/hd", "map": "flip_entropy", "auroc": 0.929, "auprc": 0.619},
-    {**_BRATS, "method": "heal/hd", "map": "flip_variance", "auroc": 0.896, "auprc": 0.496},
-    {**_BRATS, "method": "heal/hd", "map": "label_disagreement", "auroc": 0.500, "auprc": 0.119},
-    {**_BRATS, "method": "heal/hd", "map": "mahalanobis", "auroc": 0.671, "auprc": 0.216},
-    {**_BRATS, "method": "heal/hd", "map": "nig_variance", "auroc": 0.916, "auprc": 0.526},
-    {**_BRATS, "method": "gmm", "map": "calibrated_entropy", "auroc": 0.896, "auprc": 0.530},
-    {**_BRATS, "method": "gmm", "map": "disagreement", "auroc": 0.871, "auprc": 0.376},
-    {**_BRATS, "method": "gmm", "map": "ensemble_entropy", "auroc": 0.920, "auprc": 0.543},
-    {**_BRATS, "method": "gmm", "map": "entropy", "auroc": 0.897, "auprc": 0.531},
-    {**_BRATS, "method": "gmm", "map": "flip_entropy", "auroc": 0.916, "auprc": 0.568},
-    {**_BRATS, "method": "gmm", "map": "flip_variance", "auroc": 0.912, "auprc": 0.543},
-    {**_BRATS, "method": "gmm", "map": "label_disagreement", "auroc": 0.651, "auprc": 0.230},
-    {**_BRATS, "method": "gmm", "map": "mahalanobis", "auroc": 0.739, "auprc": 0.212},
-    {**_BRATS, "method": "gmm", "map": "nig_variance", "auroc": 0.910, "auprc": 0.515},
+    {**_BRATS_T2, "method": "none", "map": "calibrated_entropy", "auroc": 0.923, "auprc": 0.611},
+    {**_BRATS_T2, "method": "none", "map": "entropy", "auroc": 0.921, "auprc": 0.605},
+    {**_BRATS_T2, "method": "none", "map": "flip_entropy", "auroc": 0.931, "auprc": 0.627},
+    {**_BRATS_T2, "method": "none", "map": "flip_variance", "auroc": 0.897, "auprc": 0.504},
+    {**_BRATS_T2, "method": "none", "map": "mahalanobis", "auroc": 0.671, "auprc": 0.218},
+    {**_BRATS_T2, "method": "none", "map": "nig_variance", "auroc": 0.917, "auprc": 0.532},
+    {**_BRATS_T2, "method": "heal/hd", "map": "calibrated_entropy", "auroc": 0.921, "auprc": 0.601},
+    {**_BRATS_T2, "method": "heal/hd", "map": "entropy", "auroc": 0.920, "auprc": 0.595},
+    {**_BRATS_T2, "method": "heal/hd", "map": "flip_entropy", "auroc": 0.929, "auprc": 0.619},
+    {**_BRATS_T2, "method": "heal/hd", "map": "flip_variance", "auroc": 0.896, "auprc": 0.496},
+    {**_BRATS_T2, "method": "heal/hd", "map": "label_disagreement", "auroc": 0.500, "auprc": 0.119},
+    {**_BRATS_T2, "method": "heal/hd", "map": "mahalanobis", "auroc": 0.671, "auprc": 0.216},
+    {**_BRATS_T2, "method": "heal/hd", "map": "nig_variance", "auroc": 0.916, "auprc": 0.526},
+    {**_BRATS_T2, "method": "gmm", "map": "calibrated_entropy", "auroc": 0.896, "auprc": 0.530},
+    {**_BRATS_T2, "method": "gmm", "map": "disagreement", "auroc": 0.871, "auprc": 0.376},
+    {**_BRATS_T2, "method": "gmm", "map": "ensemble_entropy", "auroc": 0.920, "auprc": 0.543},
+    {**_BRATS_T2, "method": "gmm", "map": "entropy", "auroc": 0.897, "auprc": 0.531},
+    {**_BRATS_T2, "method": "gmm", "map": "flip_entropy", "auroc": 0.916, "auprc": 0.568},
+    {**_BRATS_T2, "method": "gmm", "map": "flip_variance", "auroc": 0.912, "auprc": 0.543},
+    {**_BRATS_T2, "method": "gmm", "map": "label_disagreement", "auroc": 0.651, "auprc": 0.230},
+    {**_BRATS_T2, "method": "gmm", "map": "mahalanobis", "auroc": 0.739, "auprc": 0.212},
+    {**_BRATS_T2, "method": "gmm", "map": "nig_variance", "auroc": 0.910, "auprc": 0.515},
+    {**_BRATS_T1, "method": "none", "map": "calibrated_entropy", "auroc": 0.809, "auprc": 0.536},
+    {**_BRATS_T1, "method": "none", "map": "entropy", "auroc": 0.808, "auprc": 0.531},
+    {**_BRATS_T1, "method": "none", "map": "flip_entropy", "auroc": 0.816, "auprc": 0.515},
+    {**_BRATS_T1, "method": "none", "map": "flip_variance", "auroc": 0.770, "auprc": 0.369},
+    {**_BRATS_T1, "method": "none", "map": "mahalanobis", "auroc": 0.556, "auprc": 0.305},
+    {**_BRATS_T1, "method": "none", "map": "nig_variance", "auroc": 0.755, "auprc": 0.316},
+    {**_BRATS_T1, "method": "heal/hd", "map": "calibrated_entropy", "auroc": 0.809, "auprc": 0.536},
+    {**_BRATS_T1, "method": "heal/hd", "map": "entropy", "auroc": 0.808, "auprc": 0.531},
+    {**_BRATS_T1, "method": "heal/hd", "map": "flip_entropy", "auroc": 0.816, "auprc": 0.515},
+    {**_BRATS_T1, "method": "heal/hd", "map": "flip_variance", "auroc": 0.770, "auprc": 0.369},
+    {**_BRATS_T1, "method": "heal/hd", "map": "label_disagreement", "auroc": 0.500, "auprc": 0.151},
+    {**_BRATS_T1, "method": "heal/hd", "map": "mahalanobis", "auroc": 0.555, "auprc": 0.305},
+    {**_BRATS_T1, "method": "heal/hd", "map": "nig_variance", "auroc": 0.755, "auprc": 0.316},
+    {**_BRATS_T1, "method": "gmm", "map": "calibrated_entropy", "auroc": 0.748, "auprc": 0.430},
+    {**_BRATS_T1, "method": "gmm", "map": "disagreement", "auroc": 0.746, "auprc": 0.347},
+    {**_BRATS_T1, "method": "gmm", "map": "ensemble_entropy", "auroc": 0.778, "auprc": 0.403},
+    {**_BRATS_T1, "method": "gmm", "map": "entropy", "auroc": 0.748, "auprc": 0.430},
+    {**_BRATS_T1, "method": "gmm", "map": "flip_entropy", "auroc": 0.777, "auprc": 0.423},
+    {**_BRATS_T1, "method": "gmm", "map": "flip_variance", "auroc": 0.771, "auprc": 0.406},
+    {**_BRATS_T1, "method": "gmm", "map": "label_disagreement", "auroc": 0.662, "auprc": 0.269},
+    {**_BRATS_T1, "method": "gmm", "map": "mahalanobis", "auroc": 0.562, "auprc": 0.293},
+    {**_BRATS_T1, "method": "gmm", "map": "nig_variance", "auroc": 0.735, "auprc": 0.289},
+    {**_BRATS_T1C, "method": "none", "map": "calibrated_entropy", "auroc": 0.784, "auprc": 0.416},
+    {**_BRATS_T1C, "method": "none", "map": "entropy", "auroc": 0.773, "auprc": 0.401},
+    {**_BRATS_T1C, "method": "none", "map": "flip_entropy", "auroc": 0.804, "auprc": 0.449},
+    {**_BRATS_T1C, "method": "none", "map": "flip_variance", "auroc": 0.799, "auprc": 0.439},
+    {**_BRATS_T1C, "method": "none", "map": "mahalanobis", "auroc": 0.633, "auprc": 0.173},
+    {**_BRATS_T1C, "method": "none", "map": "nig_variance", "auroc": 0.824, "auprc": 0.463},
+    {**_BRATS_T1C, "method": "heal/hd", "map": "calibrated_entropy", "auroc": 0.776, "auprc": 0.387},
+    {**_BRATS_T1C, "method": "heal/hd", "map": "entropy", "auroc": 0.765, "auprc": 0.368},
+    {**_BRATS_T1C, "method": "heal/hd", "map": "flip_entropy", "auroc": 0.796, "auprc": 0.419},
+    {**_BRATS_T1C, "method": "heal/hd", "map": "flip_variance", "auroc": 0.792, "auprc": 0.420},
+    {**_BRATS_T1C, "method": "heal/hd", "map": "label_disagreement", "auroc": 0.501, "auprc": 0.103},
+    {**_BRATS_T1C, "method": "heal/hd", "map": "mahalanobis", "auroc": 0.626, "auprc": 0.167},
+    {**_BRATS_T1C, "method": "heal/hd", "map": "nig_variance", "auroc": 0.818, "auprc": 0.432},
+    {**_BRATS_T1C, "method": "gmm", "map": "calibrated_entropy", "auroc": 0.832, "auprc": 0.462},
+    {**_BRATS_T1C, "method": "gmm", "map": "disagreement", "auroc": 0.852, "auprc": 0.539},
+    {**_BRATS_T1C, "method": "gmm", "map": "ensemble_entropy", "auroc": 0.891, "auprc": 0.557},
+    {**_BRATS_T1C, "method": "gmm", "map": "entropy", "auroc": 0.822, "auprc": 0.450},
+    {**_BRATS_T1C, "method": "gmm", "map": "flip_entropy", "auroc": 0.864, "auprc": 0.514},
+    {**_BRATS_T1C, "method": "gmm", "map": "flip_variance", "auroc": 0.852, "auprc": 0.471},
+    {**_BRATS_T1C, "method": "gmm", "map": "label_disagreement", "auroc": 0.667, "auprc": 0.342},
+    {**_BRATS_T1C, "method": "gmm", "map": "mahalanobis", "auroc": 0.651, "auprc": 0.174},
+    {**_BRATS_T1C, "method": "gmm", "map": "nig_variance", "auroc": 0.871, "auprc": 0.516},
 ]
 
 DEFAULT_TABLE: dict[str, Any] = {"format": TABLE_FORMAT, "version": TABLE_VERSION,
