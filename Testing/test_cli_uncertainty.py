@@ -73,6 +73,7 @@ def test_uncertainty_adds_maps_queue_and_statement_to_a_new_folder(capsys, files
 
 @pytest.mark.parametrize("extra, words", [(["--maps", "nonsense"], "Unknown uncertainty map"),
                                           (["--maps", "disagreement"], "adapted checkpoint"),
+                                          (["--maps", "ensemble_entropy"], "adapted checkpoint"),
                                           (["--same-out"], "Inputs are never overwritten")])
 def test_uncertainty_errors_exit_2(capsys, files, tmp_path, extra, words):
     result = tmp_path / "segmented"
