@@ -732,8 +732,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep the source model's segmentation (and warn) when the adapted foreground agrees "
                         "with it below this Dice; 0 turns the guard off")
     g.add_argument("--no-flip-uncertainty", action="store_true",
-                   help="skip ensemble_entropy, GMM's default overlay (8 more inferences per scan: the source and "
-                        "the adapted network over 4 flips); the maps that cost nothing extra stay")
+                   help="skip ensemble_entropy, GMM's default overlay (6 more inferences per scan: the source and "
+                        "the adapted network over 3 flips each); the maps that cost nothing extra stay")
     g.add_argument("--save-adapted", help="also write the adapted model as a new checkpoint")
     p.add_argument("--cohort", action="store_true",
                    help="adapt every --image on its own into OUT/case_NNN_<name> and write OUT/cohort.json; "

@@ -351,7 +351,7 @@ class GMMConfig:
             foreground agrees with the source foreground below this Dice; 0 disables the guard
             (see ``gmm/harm_guard.py``).
         flip_uncertainty: also compute the ``ensemble_entropy`` map, GMM's default overlay (the
-            source and the adapted network over the 4 in-plane flips of the scan: 8 more
+            source and the adapted network over the 4 in-plane flips of the scan: 6 more
             inferences per scan); False keeps only the maps that cost nothing extra.
         seed, amp: reproducibility and mixed precision on GPU.
     """

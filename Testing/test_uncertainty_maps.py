@@ -117,6 +117,35 @@ def test_flip_tta_mean_and_variance_by_hand():
     np.testing.assert_allclose(out.entropy, voxel_entropy(out.mean), atol=1e-6)
 
 
+class CountingNet(torch.nn.Module):
+    """A 1x1 convolution that counts its forward passes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.calls = torch.nn.Conv2d(1, 3, kernel_size=1), 0
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        return self.conv(image)
+
+
+def test_flip_tta_reuses_the_unflipped_probabilities_it_is_given():
+    spec = InputSpec(dims="2d", patch_size=(8, 8))
+    config = replace(CPU, probabilities_dtype="float32", batch_size=8)
+    image = np.random.default_rng(1).normal(size=(1, 2, 8, 8)).astype(np.float32)
+    net = CountingNet().eval()
+    full = flip_tta(net, image, spec, 3, config, torch.device("cpu"))
+    calls = net.calls
+    _, plain = predict_indices(net, image, spec, 3, config, torch.device("cpu"), True)
+    net.calls = 0
+    reused = flip_tta(net, image, spec, 3, config, torch.device("cpu"), unflipped=plain)
+    assert net.calls == calls * 3 // 4  # three of the four passes run
+    np.testing.assert_allclose(reused.mean, full.mean, atol=1e-6)
+    np.testing.assert_allclose(reused.variance, full.variance, atol=1e-7)
+    with pytest.raises(InputError, match="unflipped probabilities"):
+        flip_tta(net, image, spec, 3, config, torch.device("cpu"), unflipped=plain[:2])
+
+
 def test_flip_tta_of_a_mirror_symmetric_network_has_no_variance():
     spec = InputSpec(dims="2d", patch_size=(8, 8))
     net = torch.nn.Conv2d(1, 3, kernel_size=1)  # voxel-wise: commutes with every flip

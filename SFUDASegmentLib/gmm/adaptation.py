@@ -318,7 +318,8 @@ def gmm_adapt(volumes: Volume | Sequence[Volume], checkpoint: SourceCheckpoint,
             with timer.stage("flip_uncertainty"):
                 maps["ensemble_entropy"] = ensemble_entropy(
                     [flip_tta(net, prepared.image, checkpoint.input_spec, checkpoint.num_classes, inference, device,
-                              progress=progress).mean for net in (source_model, adaptation.model)])
+                              progress=progress, unflipped=plain).mean
+                     for net, plain in ((source_model, source_probs), (adaptation.model, probs))])
         with timer.stage("postprocess"):
             result.maps.update({name: prepared.to_input_grid(values, is_label=False).astype(np.float32)
                                 for name, values in maps.items()})

@@ -61,7 +61,7 @@ def flip_combinations(axes: Sequence[str]) -> list[tuple[str, ...]]:
 
 def flip_tta(model: torch.nn.Module, image: np.ndarray, spec: InputSpec, num_classes: int,
              config: InferenceConfig, device: torch.device, axes: Sequence[str] = ("y", "x"),
-             progress: Optional[ProgressReporter] = None) -> FlipTTA:
+             progress: Optional[ProgressReporter] = None, unflipped: Optional[np.ndarray] = None) -> FlipTTA:
     """Run the model on every flip of ``image`` and average the flipped-back probabilities.
 
     Args:
@@ -73,9 +73,12 @@ def flip_tta(model: torch.nn.Module, image: np.ndarray, spec: InputSpec, num_cla
         device: compute device.
         axes: axes to flip: ``"y"`` and ``"x"`` (in-plane, default) and ``"z"``.
         progress: progress reporter (stage ``"flip_tta"``).
+        unflipped: ``(K, Z, Y, X)`` probabilities the model already gave ``image`` with the
+            same ``config``; the identity pass reuses them instead of running again.
 
     Returns:
-        :class:`FlipTTA` on the network grid. Costs ``2 ** len(axes)`` inferences and two
+        :class:`FlipTTA` on the network grid. Costs ``2 ** len(axes)`` inferences (one fewer
+        with ``unflipped``) and two
         float32 ``(K, Z, Y, X)`` accumulators (Welford's running mean and squared deviations,
         so that passes that agree give a variance of exactly 0).
     """
@@ -86,9 +89,15 @@ def flip_tta(model: torch.nn.Module, image: np.ndarray, spec: InputSpec, num_cla
     squared_deviations = np.zeros_like(mean)  # Welford's running sum of squared deviations
     for i, combo in enumerate(passes):
         flip_axes = tuple(AXES[a] for a in combo)
-        flipped = np.ascontiguousarray(np.flip(image, flip_axes)) if combo else image
-        _, probs = predict_indices(model, flipped, spec, num_classes, config, device, True)
-        assert probs is not None
+        if combo or unflipped is None:
+            flipped = np.ascontiguousarray(np.flip(image, flip_axes)) if combo else image
+            _, probs = predict_indices(model, flipped, spec, num_classes, config, device, True)
+            assert probs is not None
+        else:
+            if unflipped.shape != mean.shape:
+                raise InputError(f"The unflipped probabilities {unflipped.shape} do not match the image: "
+                                 f"expected {mean.shape}.")
+            probs = unflipped
         probs = probs.astype(np.float32)
         if combo:
             probs = np.flip(probs, flip_axes)  # image axis a is probability axis a (C <-> K first)

@@ -15,7 +15,7 @@ scan, the source checkpoint and, for GMM, the adapted checkpoint:
 ``mahalanobis``          embedding distance to the nearest source class Gaussian
 ``disagreement``         total variation distance, source vs adapted probabilities (GMM)
 ``ensemble_entropy``     entropy (bits) of the mean probabilities of the source and the adapted
-                         network, each over flips (GMM; 8 passes, ``ensemble.py``)
+                         network, each over flips (GMM; 6-8 passes, ``ensemble.py``)
 ``label_disagreement``   1 where the result's labels differ from the source model's
 =======================  ================================================================
 
@@ -85,10 +85,12 @@ class _Networks:
         return self._probs[which]
 
     def flips(self, which: str, axes: Sequence[str], progress: Optional[ProgressReporter]) -> FlipTTA:
-        """Flip test-time augmentation of the source or result network over ``axes``."""
+        """Flip test-time augmentation of the source or result network over ``axes`` (reusing its
+        unflipped probabilities when they were computed)."""
         if which not in self._flips:
             self._flips[which] = flip_tta(self.net(which), self.prepared.image, self.checkpoint.input_spec,
-                                          self.checkpoint.num_classes, self.inference, self.device, axes, progress)
+                                          self.checkpoint.num_classes, self.inference, self.device, axes, progress,
+                                          self._probs.get(which))
         return self._flips[which]
 
 
