@@ -21,9 +21,9 @@ from SFUDASegmentLib.inference.preparation import predict_indices, prepare_input
 from SFUDASegmentLib.inference.segment import segment
 from SFUDASegmentLib.uncertainty.candidate_spread import candidate_spread, candidate_votes, segment_candidates
 from SFUDASegmentLib.uncertainty.disagreement import label_disagreement, probability_disagreement
+from SFUDASegmentLib.uncertainty.ensemble import ensemble_entropy
 from SFUDASegmentLib.uncertainty.entropy import voxel_entropy
 from SFUDASegmentLib.uncertainty.flip_tta import flip_combinations, flip_tta
-from SFUDASegmentLib.uncertainty.ensemble import ensemble_entropy
 from SFUDASegmentLib.uncertainty.mahalanobis import mahalanobis_map, nearest_class_distance
 from SFUDASegmentLib.uncertainty.maps import add_uncertainty_maps
 from SFUDASegmentLib.uncertainty.temperature import apply_temperature, fit_temperature, nll_optimal_temperature
@@ -54,7 +54,7 @@ def test_label_disagreement_marks_changed_voxels():
 def test_ensemble_entropy_is_the_entropy_of_the_members_mean():
     source = np.array([[0.9, 0.5, 1.0], [0.1, 0.5, 0.0]], dtype=np.float32)
     adapted = np.array([[0.1, 0.5, 1.0], [0.9, 0.5, 0.0]], dtype=np.float16)
-    # means 0.5/0.5 -> 1 bit, 0.5/0.5 -> 1 bit, 1/0 -> 0; each member alone is sure on voxel 0
+    # means 0.5/0.5 -> 1 bit, 0.5/0.5 -> 1 bit, 1/0 -> 0: on voxel 0 each member leans (0.47 bit), they disagree
     np.testing.assert_allclose(ensemble_entropy([source, adapted]), [1.0, 1.0, 0.0], atol=1e-4)
     h = -(0.9 * np.log2(0.9) + 0.1 * np.log2(0.1))
     np.testing.assert_allclose(ensemble_entropy([source])[0], h, atol=1e-5)
