@@ -21,7 +21,8 @@ from tiny_models import single_thread, tiny_full_model  # noqa: F401
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "benchmarks"))
 
-from bench_uncertainty import MethodOutput, against_before_adaptation, measure_case, summarise  # noqa: E402
+from bench_uncertainty import (MethodOutput, against_before_adaptation, measure_case, print_figures,  # noqa: E402
+                               summarise)
 
 CPU = InferenceConfig(device="cpu")
 
@@ -66,3 +67,5 @@ def test_measure_case_and_summarise(tiny_full_model):
     differences = [c["gmm"]["auroc"]["ensemble_entropy"] - c["none"]["auroc"]["entropy"] for c in cases]
     assert row["cases"] == 2 and row["mean"] == pytest.approx(np.mean(differences))
     assert row["gains"] == sum(d > 0 for d in differences) and row["low"] <= row["mean"] <= row["high"]
+    figures = print_figures(cases, "title")
+    np.testing.assert_equal(figures, {"rows": rows, "paired": paired})  # NaN Spearman where a class is absent

@@ -230,6 +230,16 @@ def against_before_adaptation(cases: Sequence[Mapping[str, Any]], baselines: Seq
     return rows
 
 
+def print_figures(cases: Sequence[Mapping[str, Any]], title: str) -> dict[str, Any]:
+    """Summarise the cases and print ``title``, the table and each adapted map against the maps
+    before adaptation; returns ``{"rows": summarise(cases), "paired": against_before_adaptation(cases)}``."""
+    figures = {"rows": summarise(cases), "paired": against_before_adaptation(cases)}
+    print(title)
+    print_table(figures["rows"], cases)
+    print_against_before_adaptation(figures["paired"])
+    return figures
+
+
 def print_against_before_adaptation(rows: Sequence[Mapping[str, Any]]) -> None:
     """The rows of :func:`against_before_adaptation`."""
     print("\nAUROC of each method's map for its errors minus no adaptation's map for its errors (paired, 95 % t "
@@ -287,16 +297,13 @@ def run_phantoms(args: argparse.Namespace) -> dict[str, Any]:
         outputs["gmm"] = MethodOutput(results[0], adapted_checkpoint(checkpoint, adaptation, gmm_config, [f"case {i}"]))
         cases.append(measure_case(case.target, case.labels.array, checkpoint, outputs, inference))
         print(f"case {i + 1}/{args.cases} done ({time.perf_counter() - t0:.0f} s)", flush=True)
-    rows = summarise(cases)
-    print(f"\n{args.size}x{args.size} phantoms, gap {args.gap}, {args.cases} target cases; GMM {args.gmm_iterations} "
-          f"iterations; HEAL n={args.candidates} DDIM-{args.steps}; training {train_seconds:.0f} s")
-    print_table(rows, cases)
-    paired = against_before_adaptation(cases)
-    print_against_before_adaptation(paired)
+    figures = print_figures(cases, f"\n{args.size}x{args.size} phantoms, gap {args.gap}, {args.cases} target cases; "
+                                   f"GMM {args.gmm_iterations} iterations; HEAL n={args.candidates} DDIM-{args.steps}; "
+                                   f"training {train_seconds:.0f} s")
     if heal_seconds:
         spread, total = np.mean(heal_seconds, axis=0)
         print(f"candidate spread: {spread:.3f} s of HEAL's {total:.2f} s per case ({100 * spread / total:.1f} %)")
-    return {"args": vars(args), "rows": rows, "cases": cases, "paired": paired, "train_seconds": train_seconds,
+    return {"args": vars(args), **figures, "cases": cases, "train_seconds": train_seconds,
             "candidate_spread_seconds": heal_seconds}
 
 
@@ -336,13 +343,10 @@ def run_brats(args: argparse.Namespace) -> dict[str, Any]:
             outputs["gmm"] = MethodOutput(results[0], adapted_checkpoint(checkpoint, adaptation, gmm_config, [name]))
             cases.append(measure_case(scan, case.labels.array, checkpoint, outputs, inference))
             print(f"fold {f} {name} done ({time.perf_counter() - t0:.0f} s)", flush=True)
-    rows = summarise(cases)
-    print(f"\nBraTS 2018 {source.upper()} -> {target.upper()}, {len(cases)} target cases (2 mm, each fold's model on "
-          f"patients it never saw); GMM {args.gmm_iterations} iterations; {time.perf_counter() - t0:.0f} s")
-    print_table(rows, cases)
-    paired = against_before_adaptation(cases)
-    print_against_before_adaptation(paired)
-    return {"args": vars(args), "rows": rows, "cases": cases, "paired": paired}
+    figures = print_figures(cases, f"\nBraTS 2018 {source.upper()} -> {target.upper()}, {len(cases)} target cases (2 mm, "
+                                   f"each fold's model on patients it never saw); GMM {args.gmm_iterations} iterations; "
+                                   f"{time.perf_counter() - t0:.0f} s")
+    return {"args": vars(args), **figures, "cases": cases}
 
 
 def main() -> None:
