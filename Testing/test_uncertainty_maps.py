@@ -58,6 +58,14 @@ def test_ensemble_entropy_is_the_entropy_of_the_members_mean():
     np.testing.assert_allclose(ensemble_entropy([source, adapted]), [1.0, 1.0, 0.0], atol=1e-4)
     h = -(0.9 * np.log2(0.9) + 0.1 * np.log2(0.1))
     np.testing.assert_allclose(ensemble_entropy([source])[0], h, atol=1e-5)
+    # T = 2: softmax(log(0.9, 0.1) / 2) = (sqrt 0.9, sqrt 0.1) / 1.265 = (0.75, 0.25) -> 0.811 bit; the
+    # members' 0.25/0.75 and 0.75/0.25 on voxel 0 still average to 1 bit; a certain voxel (1, 0) stays near 0:
+    # the clip of P at 1e-7 becomes sqrt(1e-7) = 3.2e-4 -> 0.0041 bit
+    np.testing.assert_allclose(ensemble_entropy([source], 2.0)[0], -(0.75 * np.log2(0.75) + 0.25 * np.log2(0.25)),
+                               atol=1e-4)
+    np.testing.assert_allclose(ensemble_entropy([source, adapted], 2.0), [1.0, 1.0, 0.0041], atol=1e-4)
+    with pytest.raises(InputError, match="temperature must be positive"):
+        ensemble_entropy([source], 0.0)
     with pytest.raises(InputError, match="at least one network"):
         ensemble_entropy([])
     with pytest.raises(InputError, match="share one shape"):
@@ -300,8 +308,9 @@ def test_add_uncertainty_maps_to_no_adaptation_heal_and_gmm(tiny_full_model):
     np.testing.assert_allclose(gmm.maps["disagreement"], probability_disagreement(source_probs, gmm.probabilities),
                                atol=2e-3)
     # no table entry matches this checkpoint's modality, so the phantom and BraTS entries count together:
-    # the ensemble entropy (0.773, 0.920) beats the NIG variance (0.771, 0.910) and the disagreement
-    # (0.747, 0.871); the adapted network's own entropy is known to mislead and never recommended
+    # the ensemble entropy (0.774, 0.923, 0.779, 0.891) beats the NIG variance (0.771, 0.910, 0.735, 0.871) and
+    # the disagreement (0.747, 0.871, 0.746, 0.852); the adapted network's own entropy is known to mislead and
+    # never recommended
     assert gmm.reliability["method"] == "gmm" and gmm.reliability["map"] == "ensemble_entropy"
     without = replace(results[0], maps={k: v for k, v in results[0].maps.items() if k != "ensemble_entropy"})
     assert add_uncertainty_maps(without, image, checkpoint, [], adapted, CPU).reliability["map"] == "nig_variance"
@@ -313,7 +322,7 @@ def test_add_uncertainty_maps_to_no_adaptation_heal_and_gmm(tiny_full_model):
 
 def test_gmm_returns_the_ensemble_entropy_of_the_source_and_adapted_networks_over_flips(tiny_full_model):
     image = tiny_full_model.held_out[1][0]
-    checkpoint = tiny_full_model.checkpoint
+    checkpoint = replace(tiny_full_model.checkpoint, temperature=2.0)  # each member is tempered before the mean
     config = GMMConfig(iterations=3)
     results, adaptation = gmm_adapt(image, checkpoint, config, CPU)
     gmm = results[0]
@@ -322,7 +331,10 @@ def test_gmm_returns_the_ensemble_entropy_of_the_source_and_adapted_networks_ove
     means = [flip_tta(c.build_segmentation_net(torch.device("cpu")), prepared.image, checkpoint.input_spec, 3,
                       replace(CPU, probabilities_dtype="float32"), torch.device("cpu")).mean
              for c in (checkpoint, adapted)]
-    expected = prepared.to_input_grid(voxel_entropy((means[0] + means[1]) / 2), is_label=False)
+    tempered = [apply_temperature(m, 2.0) for m in means]
+    expected = prepared.to_input_grid(voxel_entropy((tempered[0] + tempered[1]) / 2), is_label=False)
+    untempered = prepared.to_input_grid(voxel_entropy((means[0] + means[1]) / 2), is_label=False)
+    assert not np.allclose(expected, untempered, atol=5e-3)
     np.testing.assert_allclose(gmm.maps["ensemble_entropy"], expected, atol=5e-3)
     assert not np.allclose(gmm.maps["ensemble_entropy"], gmm.maps["entropy"], atol=5e-3)  # not the adapted one's
     assert gmm.timings["seconds"]["flip_uncertainty"] > 0

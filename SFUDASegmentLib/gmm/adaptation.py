@@ -276,7 +276,8 @@ def gmm_adapt(volumes: Volume | Sequence[Volume], checkpoint: SourceCheckpoint,
         ``loss_curve``; maps ``entropy`` of the kept prediction, ``disagreement`` with the source
         prediction, ``nig_variance`` and, with ``config.flip_uncertainty``, ``ensemble_entropy``:
         the entropy of the mean probabilities of the source and the adapted network over flips,
-        see ``uncertainty/ensemble.py``) and the adaptation record.
+        each temperature-scaled when the checkpoint has a temperature, see
+        ``uncertainty/ensemble.py``) and the adaptation record.
     """
     volumes = [volumes] if isinstance(volumes, Volume) else list(volumes)
     if not volumes:
@@ -319,7 +320,8 @@ def gmm_adapt(volumes: Volume | Sequence[Volume], checkpoint: SourceCheckpoint,
                 maps["ensemble_entropy"] = ensemble_entropy(
                     [flip_tta(net, prepared.image, checkpoint.input_spec, checkpoint.num_classes, inference, device,
                               progress=progress, unflipped=plain).mean
-                     for net, plain in ((source_model, source_probs), (adaptation.model, probs))])
+                     for net, plain in ((source_model, source_probs), (adaptation.model, probs))],
+                    checkpoint.temperature)
         with timer.stage("postprocess"):
             result.maps.update({name: prepared.to_input_grid(values, is_label=False).astype(np.float32)
                                 for name, values in maps.items()})

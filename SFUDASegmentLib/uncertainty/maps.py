@@ -15,7 +15,8 @@ scan, the source checkpoint and, for GMM, the adapted checkpoint:
 ``mahalanobis``          embedding distance to the nearest source class Gaussian
 ``disagreement``         total variation distance, source vs adapted probabilities (GMM)
 ``ensemble_entropy``     entropy (bits) of the mean probabilities of the source and the adapted
-                         network, each over flips (GMM; 6-8 passes, ``ensemble.py``)
+                         network, each over flips and temperature-scaled when the checkpoint
+                         has a temperature (GMM; 6-8 passes, ``ensemble.py``)
 ``label_disagreement``   1 where the result's labels differ from the source model's
 =======================  ================================================================
 
@@ -106,7 +107,7 @@ def add_uncertainty_maps(result: Result, volume: Volume, checkpoint: SourceCheck
         result: the method's result for ``volume`` (modified in place and returned).
         volume: the scan the result was computed from.
         checkpoint: the source checkpoint (prototypes for ``mahalanobis``, temperature for
-            ``calibrated_entropy``).
+            ``calibrated_entropy`` and, when fitted, ``ensemble_entropy``).
         names: maps to add.
         model_checkpoint: the adapted checkpoint of a GMM result (``adapt --save-adapted``);
             None: the source network (no adaptation, HEAL).
@@ -158,7 +159,7 @@ def add_uncertainty_maps(result: Result, volume: Volume, checkpoint: SourceCheck
         maps["disagreement"] = probability_disagreement(nets.probabilities("source"), nets.probabilities("result"))
     if "ensemble_entropy" in names:
         maps["ensemble_entropy"] = ensemble_entropy([nets.flips(n, flip_axes, progress).mean
-                                                     for n in ("source", "result")])
+                                                     for n in ("source", "result")], checkpoint.temperature)
     on_input = {name: prepared.to_input_grid(values, is_label=False).astype(np.float32)
                 for name, values in maps.items() if name in names}
     if "label_disagreement" in names:
