@@ -62,7 +62,7 @@ def test_measure_case_and_summarise(tiny_full_model):
     assert set(row["spearman"]) == {"organ", "vessel"}
     paired = against_before_adaptation(cases)
     assert {r["method"] for r in paired} == {"heal/hd", "gmm"} and {r["baseline"] for r in paired} == {
-        "entropy", "flip_entropy"}
+        "entropy", "calibrated_entropy", "flip_entropy"}
     row = next(r for r in paired if r["method"] == "gmm" and r["map"] == "ensemble_entropy" and r["baseline"] == "entropy")
     differences = [c["gmm"]["auroc"]["ensemble_entropy"] - c["none"]["auroc"]["entropy"] for c in cases]
     assert row["cases"] == 2 and row["mean"] == pytest.approx(np.mean(differences))

@@ -209,12 +209,15 @@ def print_table(rows: Sequence[Mapping[str, Any]], cases: Sequence[Mapping[str, 
               f"ECE {ece['raw']:.4f} / {ece['temperature']:.4f}; {np.mean([r['map_seconds'] for r in records]):.2f} s")
 
 
-def against_before_adaptation(cases: Sequence[Mapping[str, Any]], baselines: Sequence[str] = ("entropy", "flip_entropy")
+def against_before_adaptation(cases: Sequence[Mapping[str, Any]],
+                              baselines: Sequence[str] = ("entropy", "calibrated_entropy", "flip_entropy")
                               ) -> list[dict[str, Any]]:
     """Is a method's map as good at finding its errors as a map before adaptation was at finding
     the unadapted errors? Per case, the map's AUROC minus no adaptation's AUROC with each
-    baseline map; one row per (method, map, baseline) with the paired mean, its 95 % t interval
-    and the gains / losses (methods other than ``"none"``, cases where both are defined)."""
+    baseline map (no adaptation's default overlay is the entropy, or the calibrated entropy when
+    the checkpoint has a temperature); one row per (method, map, baseline) with the paired mean,
+    its 95 % t interval and the gains / losses (methods other than ``"none"``, cases where both
+    are defined)."""
     rows = []
     for method in [m for m in cases[0] if m != "none"]:
         for name in cases[0][method]["auroc"]:
@@ -245,7 +248,7 @@ def print_against_before_adaptation(rows: Sequence[Mapping[str, Any]]) -> None:
     print("\nAUROC of each method's map for its errors minus no adaptation's map for its errors (paired, 95 % t "
           "interval, gains/losses)")
     for r in rows:
-        print(f"{r['method']:8s} {r['map']:24s} - none {r['baseline']:12s} {r['mean']:+.4f} "
+        print(f"{r['method']:8s} {r['map']:24s} - none {r['baseline']:18s} {r['mean']:+.4f} "
               f"[{r['low']:+.4f}, {r['high']:+.4f}] {r['gains']}/{r['losses']}")
 
 
